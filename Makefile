@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:
+#   make demo   create .venv, install crosstrain, train the demo model on the built-in corpus, sample from it
+#   make test   create .venv, install crosstrain with its dev extra, run the whole test suite
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: demo test install install-dev clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(PY)
+	$(PIP) install --quiet -e .
+
+install-dev: $(PY)
+	$(PIP) install --quiet -e '.[dev]'
+
+demo: install
+	rm -rf runs/demo
+	$(VENV)/bin/crosstrain train --preset demo --run-dir runs/demo
+	$(VENV)/bin/crosstrain generate --run-dir runs/demo --prompt "def " --max-new-tokens 80 --temperature 0.8 --top-k 40
+
+test: install-dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

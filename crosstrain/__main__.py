@@ -1,0 +1,3 @@
+from crosstrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""The `crosstrain` command line.
+
+User mistakes (bad flags, presets, overrides, paths, meshes) print one line on stderr and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from crosstrain.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, preset_required: bool = True) -> None:
+    p.add_argument("--preset", required=preset_required, help="a shipped preset name or a path to your own YAML")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable; several may follow one --set)",
+    )
+    p.add_argument("--data", help="training data: a directory of .txt files (default: the built-in corpus)")
+
+
+def _load_config(args):
+    from crosstrain.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "data", None):
+        overrides.append(f"data.path={args.data}")
+    return load_config(args.preset, overrides)
+
+
+def cmd_train(args) -> int:
+    import jax
+
+    from crosstrain import log as logsetup
+    from crosstrain.train.loop import train
+
+    cfg = _load_config(args)
+    run_dir = Path(args.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--run-dir: cannot create {run_dir}: {e.strerror}") from None
+    logsetup.setup(run_dir, process_index=jax.process_index())
+    train(cfg, run_dir)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from crosstrain import log as logsetup
+    from crosstrain.generate import Sampling, generate
+
+    logsetup.setup()
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--run-dir: {run_dir} does not exist")
+    sampling = Sampling(
+        greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    out = generate(run_dir, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "prompt": args.prompt,
+                    "text": out.text,
+                    "tokens": out.tokens,
+                    "new_tokens": len(out.tokens),
+                    "tokens_per_s": out.tokens_per_s,
+                    "prefill_s": out.prefill_s,
+                    "stopped_at_eot": out.stopped_at_eot,
+                }
+            )
+        )
+    else:
+        print(args.prompt + out.text)
+        print(
+            f"[{len(out.tokens)} tokens, {out.tokens_per_s:,.1f} tokens/s decode, prefill {out.prefill_s * 1e3:.0f} ms"
+            f"{', stopped at end-of-document' if out.stopped_at_eot else ''}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="crosstrain", description="Pre-train AFM-style language models on any JAX accelerator.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model (resumes if --run-dir holds a run)")
+    _add_config_args(p)
+    p.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and plots go")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"crosstrain: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("crosstrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data: corpus, tokenizer, token store and the batch pipeline."""

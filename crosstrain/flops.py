@@ -1,0 +1,74 @@
+"""Model FLOPs per token: the one formula behind the trainer's MFU and the planner.
+
+Counting (PaLM, Chowdhery et al. 2022, appendix B):
+- every weight matmul costs 2 FLOPs per weight per token forward, and twice that backward, so
+  6 x N per trained token, where N counts the matmul weights: the attention and MLP projections
+  (GQA-aware: the K and V projections have kv_heads x head_dim outputs; SwiGLU has three
+  matrices) plus the output projection (hidden x vocab; counted once even when tied to the input
+  embedding, whose lookup is free). Norm scales are not matmuls and are not counted.
+- attention scores and the weighted sum cost 2 x 2 x T x H x Q FLOPs per token per layer forward
+  (T = sequence length, H = query heads, Q = head dim), so 12 x L x H x Q x T trained.
+
+`attention="full"` counts the whole T x T score matrix, PaLM's convention and crosstrain's for
+MFU; `"causal"` counts the half a causal mask keeps (torchtitan's and some MaxText reports').
+Model FLOPs never include recomputation; `hardware_flops_per_token` adds it for a remat policy.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from crosstrain.config import ModelConfig
+
+AttnConvention = Literal["full", "causal"]
+CROSSTRAIN_CONVENTION: AttnConvention = "full"
+
+
+def matmul_params(cfg: ModelConfig, *, glu: bool = True) -> int:
+    d, hd = cfg.hidden, cfg.head_dim
+    attn = d * cfg.heads * hd * 2 + d * cfg.kv_heads * hd * 2
+    mlp = (3 if glu else 2) * d * cfg.ffn
+    return cfg.layers * (attn + mlp) + d * cfg.vocab
+
+
+def attention_flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None, attention: AttnConvention = CROSSTRAIN_CONVENTION) -> float:
+    """Forward FLOPs of the score and value matmuls, per token."""
+    t = seq_len or cfg.seq_len
+    full = 4.0 * cfg.layers * cfg.heads * cfg.head_dim * t
+    return full / 2 if attention == "causal" else full
+
+
+def flops_per_token(
+    cfg: ModelConfig,
+    *,
+    seq_len: int | None = None,
+    attention: AttnConvention = CROSSTRAIN_CONVENTION,
+    training: bool = True,
+    glu: bool = True,
+) -> float:
+    """Model FLOPs per token: forward only, or forward + backward (3x) when training."""
+    forward = 2.0 * matmul_params(cfg, glu=glu) + attention_flops_per_token(cfg, seq_len=seq_len, attention=attention)
+    return 3.0 * forward if training else forward
+
+
+def hardware_flops_per_token(
+    cfg: ModelConfig,
+    *,
+    remat: str = "none",
+    seq_len: int | None = None,
+    attention: AttnConvention = CROSSTRAIN_CONVENTION,
+    glu: bool = True,
+) -> float:
+    """Training FLOPs actually executed per token, recomputation included.
+
+    `full` remat reruns each layer's forward (not the output projection) in the backward pass;
+    `selective` reruns the attention score and value matmuls only.
+    """
+    base = flops_per_token(cfg, seq_len=seq_len, attention=attention, glu=glu)
+    attn = attention_flops_per_token(cfg, seq_len=seq_len, attention=attention)
+    if remat == "full":
+        layer_forward = 2.0 * (matmul_params(cfg, glu=glu) - cfg.hidden * cfg.vocab) + attn
+        return base + layer_forward
+    if remat == "selective":
+        return base + attn
+    return base

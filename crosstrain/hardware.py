@@ -1,0 +1,256 @@
+"""The accelerator catalog: one table of chips, used by the trainer's MFU and by the planner.
+
+Figures are per chip, dense (no structured sparsity), as their vendors publish them; the source of
+each is given beside the entry. A JAX "device" is not always a chip: a TPU v4/v5p chip is one
+device (megacore), a Trainium1 chip is two NeuronCores, a Trainium2 chip four logical
+NeuronCores under the default LNC=2 configuration; `devices_per_chip` converts.
+
+The `cpu` entry has no published peak: its peak is this machine's measured large-matmul rate
+(`cpu_matmul_ceiling`), measured once per machine and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from crosstrain.errors import UserError
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Chip:
+    name: str
+    description: str
+    # Regexes matched against JAX's `device.device_kind`.
+    patterns: tuple[str, ...]
+    # Dense peak FLOP/s per chip by compute dtype, in TFLOP/s.
+    peak_tflops: dict[str, float]
+    hbm_gib: float
+    hbm_gbps: float  # HBM bandwidth, GB/s
+    devices_per_chip: int = 1
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def peak_flops(self, dtype: str) -> Optional[float]:
+        """Dense peak FLOP/s per chip for a compute dtype ("bfloat16" or "float32")."""
+        key = {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+        tflops = self.peak_tflops.get(key)
+        return None if tflops is None else tflops * 1e12
+
+
+CATALOG: dict[str, Chip] = {
+    c.name: c
+    for c in [
+        Chip(
+            "tpu-v4",
+            "Google Cloud TPU v4",
+            (r"^TPU v4",),
+            {"bf16": 275.0},
+            hbm_gib=32,
+            hbm_gbps=1200,
+            sources={"all": "cloud.google.com/tpu/docs/v4 (key specifications: 275 TFLOPS bf16, 32 GiB HBM2 at 1200 GBps)"},
+        ),
+        Chip(
+            "tpu-v5e",
+            "Google Cloud TPU v5e",
+            (r"^TPU v5 ?lite", r"^TPU v5e"),
+            {"bf16": 197.0},
+            hbm_gib=16e9 / GIB,
+            hbm_gbps=819,
+            sources={"all": "cloud.google.com/tpu/docs/v5e (197 TFLOPS bf16, 16 GB HBM2 at 819 GBps)"},
+        ),
+        Chip(
+            "tpu-v5p",
+            "Google Cloud TPU v5p",
+            (r"^TPU v5p?$", r"^TPU v5p"),
+            {"bf16": 459.0},
+            hbm_gib=95,
+            hbm_gbps=2765,
+            sources={"all": "cloud.google.com/tpu/docs/v5p (459 TFLOPS bf16, 95 GiB HBM2e at 2765 GBps)"},
+        ),
+        Chip(
+            "tpu-v6e",
+            "Google Cloud TPU v6e (Trillium)",
+            (r"^TPU v6 ?lite", r"^TPU v6e"),
+            {"bf16": 918.0},
+            hbm_gib=32e9 / GIB,
+            hbm_gbps=1638,
+            sources={"all": "cloud.google.com/tpu/docs/v6e (918 TFLOPS bf16, 32 GB HBM at 1638 GBps)"},
+        ),
+        Chip(
+            "trn1",
+            "AWS Trainium (trn1.32xlarge: 16 chips)",
+            (r"(?i)trn1", r"(?i)trainium1?$", r"^NC_v2"),
+            {"bf16": 190.0, "fp32": 47.5},
+            hbm_gib=32,
+            hbm_gbps=820 * GIB / 1e9,
+            devices_per_chip=2,
+            sources={"all": "awsdocs-neuron: Trainium architecture (2 NeuronCore-v2, 190 BF16 / 47.5 FP32 TFLOPS, 32 GiB at 820 GiB/s)"},
+        ),
+        Chip(
+            "trn2",
+            "AWS Trainium2 (trn2.48xlarge: 16 chips; UltraServer: 64)",
+            (r"(?i)trn2", r"(?i)trainium2", r"^NC_v3"),
+            {"bf16": 667.0, "fp32": 181.0, "fp8": 1299.0},
+            hbm_gib=96,
+            hbm_gbps=2900,
+            devices_per_chip=4,
+            sources={"all": "awsdocs-neuron: Trainium2 architecture (8 NeuronCore-v3, 667 BF16 / 181 FP32 / 1299 FP8 TFLOPS, 96 GiB at 2.9 TB/s; LNC=2 gives 4 logical cores)"},
+        ),
+        Chip(
+            "a100-80gb",
+            "NVIDIA A100 SXM 80GB",
+            (r"A100",),
+            {"bf16": 312.0, "fp32": 19.5},
+            hbm_gib=80e9 / GIB,
+            hbm_gbps=2039,
+            sources={"all": "NVIDIA A100 datasheet (312 TFLOPS dense BF16, 19.5 FP32, 80 GB HBM2e at 2039 GB/s)"},
+        ),
+        Chip(
+            "h100-sxm",
+            "NVIDIA H100 SXM 80GB",
+            (r"H100 80GB HBM3", r"H100 SXM", r"^NVIDIA H100$"),
+            {"bf16": 989.0, "fp32": 67.0, "fp8": 1979.0},
+            hbm_gib=80e9 / GIB,
+            hbm_gbps=3350,
+            sources={"all": "NVIDIA H100 datasheet, SXM column (989 TFLOPS dense BF16, 1979 FP8, 67 FP32, 80 GB HBM3 at 3.35 TB/s)"},
+        ),
+        Chip(
+            "h200",
+            "NVIDIA H200 SXM 141GB",
+            (r"H200",),
+            {"bf16": 989.0, "fp32": 67.0, "fp8": 1979.0},
+            hbm_gib=141e9 / GIB,
+            hbm_gbps=4800,
+            sources={"all": "NVIDIA H200 datasheet, SXM column (989 TFLOPS dense BF16, 141 GB HBM3e at 4.8 TB/s)"},
+        ),
+        Chip(
+            "b200",
+            "NVIDIA B200 (HGX B200)",
+            (r"B200",),
+            {"bf16": 2250.0, "fp32": 75.0, "fp8": 4500.0},
+            hbm_gib=180e9 / GIB,
+            hbm_gbps=8000,
+            sources={"all": "NVIDIA HGX B200 specifications, per GPU (2.25 PFLOPS dense BF16, 4.5 FP8, 180 GB HBM3e at 8 TB/s)"},
+        ),
+    ]
+}
+
+
+def chip_names() -> list[str]:
+    return sorted([*CATALOG, "cpu"])
+
+
+def get_chip(name: str) -> Chip:
+    if name == "cpu":
+        return cpu_chip()
+    if name not in CATALOG:
+        raise UserError(f"--chip: unknown chip '{name}' (known: {', '.join(chip_names())})")
+    return CATALOG[name]
+
+
+def detect_chip(device) -> Optional[Chip]:
+    """The catalog entry for a JAX device, or None when the device kind is not catalogued."""
+    if device.platform == "cpu":
+        return cpu_chip()
+    kind = getattr(device, "device_kind", "")
+    for chip in CATALOG.values():
+        if any(re.search(p, kind) for p in chip.patterns):
+            return chip
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU: peak = measured large-matmul rate on this machine.
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CROSSTRAIN_CACHE", Path.home() / ".cache" / "crosstrain"))
+
+
+def _cpu_identity() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import jax
+
+    return f"{model}|{os.cpu_count()}|{jax.__version__}"
+
+
+def measure_matmul_tflops(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
+    """Achieved TFLOP/s of an n x n x n matmul on the default device, best of `repeats`.
+
+    bf16 inputs accumulate into an fp32 result (preferred_element_type), the way the model asks
+    for its matmuls.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dt)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dt)
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best / 1e12
+
+
+def cpu_matmul_ceiling(*, refresh: bool = False) -> dict[str, float]:
+    """This machine's fp32 and bf16 large-matmul TFLOP/s, cached per CPU model, core count and
+    JAX version."""
+    ident = _cpu_identity()
+    path = _cache_dir() / f"cpu_peak_{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+    if not refresh and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("identity") == ident:
+                return {"fp32": float(data["fp32"]), "bf16": float(data["bf16"])}
+        except (OSError, ValueError, KeyError):
+            pass
+    result = {"fp32": measure_matmul_tflops(dtype="float32"), "bf16": measure_matmul_tflops(dtype="bfloat16")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"identity": ident, **result}))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return result
+
+
+def cpu_chip() -> Chip:
+    peaks = cpu_matmul_ceiling()
+    return Chip(
+        "cpu",
+        f"this machine's CPU ({os.cpu_count()} cores)",
+        (),
+        {"fp32": peaks["fp32"], "bf16": peaks["bf16"]},
+        hbm_gib=_host_memory_gib(),
+        hbm_gbps=0.0,
+        sources={"all": "measured on this machine: best of 5 2048^3 matmuls per dtype (hardware.cpu_matmul_ceiling)"},
+    )
+
+
+def _host_memory_gib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    except (ValueError, OSError, AttributeError):
+        return 0.0

@@ -1,0 +1,188 @@
+"""The AFM-style decoder as pure functions over a params pytree.
+
+Pre-norm RMSNorm blocks; grouped-query attention with per-head RMSNorm on queries and keys
+applied before rotary embeddings (rotate-half convention); SwiGLU MLP; tied input/output
+embedding. These are the same pieces, in the same order, as Hugging Face's Qwen3, which is what
+export relies on.
+
+Numerics: parameters are stored in `param_dtype` and cast to `compute_dtype` where used. Matmuls
+take compute-dtype inputs and accumulate in fp32 (`preferred_element_type`) and hand back
+compute-dtype activations; norms, softmax and the loss are computed in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from crosstrain.config import ModelConfig, dtype_of
+from crosstrain.model.attention import attention
+from crosstrain.parallel.rules import constrain
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [len, head_dim] for rotate-half rotary embeddings."""
+    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (base**exponent)
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [batch, len, heads, head_dim]; rotate-half pairs dimension i with i + head_dim/2."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return out.astype(x.dtype)
+
+
+def _dense(spec: str, x: jax.Array, w: jax.Array, cdt) -> jax.Array:
+    y = jnp.einsum(spec, x.astype(cdt), w.astype(cdt), preferred_element_type=jnp.float32)
+    return y.astype(cdt)
+
+
+def _block(cfg: ModelConfig, x, p, cos, sin, q_pos, kv_pos, cache_kv, start_pos):
+    """One pre-norm decoder layer. Returns the new residual stream and, when decoding, the
+    layer's updated (k, v) cache."""
+    cdt = dtype_of(cfg.compute_dtype)
+    eps = cfg.norm_eps
+    h = rms_norm(x, p["attn_norm"], eps)
+    q = _dense("bsd,dhk->bshk", h, p["wq"], cdt)
+    k = _dense("bsd,dhk->bshk", h, p["wk"], cdt)
+    v = _dense("bsd,dhk->bshk", h, p["wv"], cdt)
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"], eps)
+        k = rms_norm(k, p["k_norm"], eps)
+    q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+    k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    new_cache = None
+    if cache_kv is not None:
+        ck, cv = cache_kv
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start_pos, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start_pos, 0, 0))
+        new_cache = (ck, cv)
+        k, v = ck.astype(cdt), cv.astype(cdt)
+    o = attention(q, k, v, q_pos=q_pos, kv_pos=kv_pos, impl=cfg.attention)
+    x = x + _dense("bshk,hkd->bsd", o, p["wo"], cdt)
+    x = constrain(x, ("batch", "length", "act_embed"))
+
+    h = rms_norm(x, p["mlp_norm"], eps)
+    gate = _dense("bsd,df->bsf", h, p["w_gate"], cdt)
+    up = _dense("bsd,df->bsf", h, p["w_up"], cdt)
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    x = x + _dense("bsf,fd->bsd", act, p["w_down"], cdt)
+    x = constrain(x, ("batch", "length", "act_embed"))
+    return x, new_cache
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    # "selective": keep the outputs of the weight matmuls, recompute the attention scores,
+    # softmax and elementwise work (Korthikanti et al. 2022).
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def decoder(
+    params: Params,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    start_pos: jax.Array | int = 0,
+    cache: Optional[Cache] = None,
+) -> tuple[jax.Array, Optional[Cache]]:
+    """Final-norm hidden states [batch, len, hidden] for `tokens` [batch, len].
+
+    With `cache` (from `init_cache`), keys and values of these tokens are written at
+    `start_pos`, attention runs against every cached position, and the updated cache is returned.
+    """
+    cdt = dtype_of(cfg.compute_dtype)
+    x = jnp.take(params["embed"], tokens, axis=0).astype(cdt)
+    x = constrain(x, ("batch", "length", "act_embed"))
+    q_pos = start_pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    kv_pos = q_pos if cache is None else jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
+    cos, sin = rope_tables(q_pos, cfg.head_dim, cfg.rope_base)
+
+    def layer(x, p, kv):
+        return _block(cfg, x, p, cos, sin, q_pos, kv_pos, kv, start_pos)
+
+    layers = params["layers"]
+    if cache is None:
+        body = _remat(lambda x, p: (layer(x, p, None)[0], None), cfg.remat)
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(body, x, layers)
+        else:
+            for i in range(cfg.layers):
+                x, _ = body(x, jax.tree.map(lambda a: a[i], layers))
+        new_cache = None
+    else:
+        def body(x, args):
+            p, ck, cv = args
+            x, kv = layer(x, p, (ck, cv))
+            return x, kv
+
+        if cfg.scan_layers:
+            x, (ks, vs) = jax.lax.scan(body, x, (layers, cache["k"], cache["v"]))
+        else:
+            ks, vs = [], []
+            for i in range(cfg.layers):
+                x, (k_i, v_i) = body(x, (jax.tree.map(lambda a: a[i], layers), cache["k"][i], cache["v"][i]))
+                ks.append(k_i)
+                vs.append(v_i)
+            ks, vs = jnp.stack(ks), jnp.stack(vs)
+        new_cache = {"k": ks, "v": vs}
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    return x, new_cache
+
+
+def output_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """fp32 logits [batch, len, vocab]."""
+    cdt = dtype_of(cfg.compute_dtype)
+    h = hidden.astype(cdt)
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("bsd,vd->bsv", h, params["embed"].astype(cdt), preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("bsd,dv->bsv", h, params["lm_head"].astype(cdt), preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits [batch, len, vocab] in fp32 for a full sequence (no cache)."""
+    hidden, _ = decoder(params, tokens, cfg)
+    return output_logits(params, hidden, cfg)
+
+
+def token_losses(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Per-position next-token cross-entropy [batch, len-1] for sequences `tokens` [batch, len]."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = forward(params, inputs, cfg)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return logz - target_logit
+
+
+def loss_fn(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Mean next-token cross-entropy over a batch of packed sequences [batch, seq_len + 1]."""
+    return jnp.mean(token_losses(params, tokens, cfg))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+    dtype = dtype or dtype_of(cfg.compute_dtype)
+    shape = (cfg.layers, batch, length, cfg.kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -1,0 +1,24 @@
+"""Test set-up: 8 forced CPU devices (before JAX is imported), an isolated cache, no hub access."""
+
+import os
+import sys
+from pathlib import Path
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def crosstrain_cache(tmp_path_factory):
+    """One cache (tokenizers, token stores, CPU peak) shared by the session, never the user's."""
+    path = tmp_path_factory.mktemp("crosstrain-cache")
+    os.environ["CROSSTRAIN_CACHE"] = str(path)
+    return path

@@ -1,0 +1,39 @@
+import subprocess
+import sys
+
+import pytest
+
+from crosstrain.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "--preset", "no-such", "--run-dir", "{tmp}"], "unknown preset"),
+        (["train", "--preset", "tiny", "--set", "model.layerz=1", "--run-dir", "{tmp}"], "model.layerz: unknown key"),
+        (["train", "--preset", "tiny", "--set", "model.layers=two", "--run-dir", "{tmp}"], "model.layers: expected an integer"),
+        (["train", "--preset", "tiny", "--set", "model.heads=3", "--run-dir", "{tmp}"], "model.heads: 3 is not divisible"),
+        (["train", "--preset", "tiny", "--data", "/no/such/corpus", "--run-dir", "{tmp}"], "data.path: /no/such/corpus does not exist"),
+        (["train", "--preset", "tiny"], "--run-dir"),
+        (["train", "--preset", "tiny", "--run-dir", "{tmp}", "--bogus"], "unrecognized arguments"),
+        (["generate", "--run-dir", "{tmp}/nothing", "--prompt", "x"], "does not exist"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(argv, words, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("crosstrain: error:")
+    assert words in err
+    assert "Traceback" not in err
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "crosstrain", "train", "--preset", "tiny", "--set", "optim.lr=-1", "--run-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["crosstrain: error: optim.lr: must be positive, got -1.0"]
+    assert not any(tmp_path.iterdir())  # nothing written for a rejected config

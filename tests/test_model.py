@@ -1,0 +1,146 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from crosstrain.config import load_config
+from crosstrain.flops import flops_per_token, matmul_params
+from crosstrain.model import (
+    analytic_param_count,
+    count_params,
+    decoder,
+    forward,
+    init_cache,
+    init_params,
+    output_logits,
+    param_axes,
+    params_sha256,
+)
+from crosstrain.model.transformer import apply_rope, rms_norm, rope_tables
+
+
+def fp32(name="tiny", *extra):
+    return load_config(name, ["model.compute_dtype=float32", *extra]).model
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "nano", "afm-on-device-3b", "afm-server-core"])
+def test_param_count_matches_formula(preset):
+    cfg = load_config(preset).model
+    assert count_params(cfg) == analytic_param_count(cfg)
+
+
+def test_param_count_matches_real_arrays_and_untied_head():
+    cfg = fp32("tiny", "model.tie_embeddings=false")
+    params = init_params(cfg, jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(params)) == analytic_param_count(cfg)
+    assert "lm_head" in params
+    axes = param_axes(cfg)
+    for leaf, ax in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+        assert leaf.ndim == len(ax)
+
+
+def test_afm_on_device_size_is_close_to_the_report():
+    cfg = load_config("afm-on-device-3b").model
+    non_embedding = count_params(cfg) - cfg.vocab * cfg.hidden
+    assert abs(non_embedding - 2.58e9) / 2.58e9 < 0.02
+    assert abs(cfg.vocab * cfg.hidden - 0.15e9) / 0.15e9 < 0.02
+
+
+def test_flops_per_token_by_hand():
+    cfg = load_config("nano").model
+    d, L = 384, 6
+    per_layer = d * 6 * 64 * 2 + d * 2 * 64 * 2 + 3 * d * 1024
+    n = L * per_layer + d * 8192
+    assert matmul_params(cfg) == n
+    assert flops_per_token(cfg) == 6 * n + 12 * L * 6 * 64 * 256
+    assert flops_per_token(cfg, attention="causal") == 6 * n + 6 * L * 6 * 64 * 256
+    assert flops_per_token(cfg, training=False) == 2 * n + 4 * L * 6 * 64 * 256
+
+
+def test_rms_norm_and_rope_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
+    w = rng.normal(size=(8,)).astype(np.float32)
+    got = np.asarray(rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-6))
+    np.testing.assert_allclose(got, reference.rms_norm(x.astype(np.float64), w, 1e-6), rtol=1e-5, atol=1e-6)
+    pos = np.arange(5) + 3
+    cos, sin = rope_tables(jnp.asarray(pos), 8, 10_000.0)
+    got = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
+    want = np.stack([reference.rope(x[b].astype(np.float64), pos, 10_000.0) for b in range(2)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_is_relative():
+    """Scores between rotated q and k depend only on the distance between their positions."""
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(1, 1, 1, 16)).astype(np.float32)
+    k = rng.normal(size=(1, 1, 1, 16)).astype(np.float32)
+
+    def score(pq, pk):
+        cq, sq = rope_tables(jnp.asarray([pq]), 16, 500_000.0)
+        ck, sk = rope_tables(jnp.asarray([pk]), 16, 500_000.0)
+        return float(jnp.sum(apply_rope(jnp.asarray(q), cq, sq) * apply_rope(jnp.asarray(k), ck, sk)))
+
+    assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
+    assert score(7, 3) != pytest.approx(score(7, 5), rel=1e-3)
+
+
+@pytest.mark.parametrize("extra", [(), ("model.tie_embeddings=false",), ("model.qk_norm=false",), ("model.scan_layers=false",)])
+def test_forward_matches_numpy_reference(extra):
+    cfg = fp32("tiny", *extra)
+    params = init_params(cfg, jax.random.key(3))
+    # Norm scales of 1 would hide a misplaced scale: perturb them.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 1.3 + 0.1 if "norm" in jax.tree_util.keystr(path) else x, params
+    )
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab, size=(2, 12))
+    got = np.asarray(forward(params, jnp.asarray(tokens), cfg))
+    want = reference.forward(jax.device_get(params), tokens, cfg)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_causality():
+    cfg = fp32()
+    params = init_params(cfg, jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab, size=(1, 16))
+    base = np.asarray(forward(params, jnp.asarray(tokens), cfg))
+    for t in (5, 11, 15):
+        changed = tokens.copy()
+        changed[0, t] = (changed[0, t] + 1) % cfg.vocab
+        out = np.asarray(forward(params, jnp.asarray(changed), cfg))
+        np.testing.assert_array_equal(out[0, :t], base[0, :t])
+        assert not np.allclose(out[0, t], base[0, t])
+
+
+@pytest.mark.parametrize("scan", ["true", "false"])
+def test_kv_cache_decode_equals_full_forward(scan):
+    cfg = fp32("tiny", f"model.scan_layers={scan}")
+    params = init_params(cfg, jax.random.key(1))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab, size=(1, 10)))
+    full = np.asarray(forward(params, tokens, cfg))
+    cache = init_cache(cfg, 1, 16, dtype=jnp.float32)
+    hidden, cache = decoder(params, tokens[:, :4], cfg, start_pos=0, cache=cache)
+    steps = [np.asarray(output_logits(params, hidden, cfg))[0]]
+    for pos in range(4, 10):
+        hidden, cache = decoder(params, tokens[:, pos : pos + 1], cfg, start_pos=jnp.int32(pos), cache=cache)
+        steps.append(np.asarray(output_logits(params, hidden, cfg))[0])
+    np.testing.assert_allclose(np.concatenate(steps), full[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_compute_stays_close_to_fp32():
+    cfg32 = fp32()
+    cfg16 = load_config("tiny", ["model.compute_dtype=bfloat16"]).model
+    params = init_params(cfg32, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg32.vocab, size=(2, 16)))
+    a = np.asarray(forward(params, tokens, cfg32))
+    b = np.asarray(forward(params, tokens, cfg16))
+    assert np.max(np.abs(a - b)) < 0.1 * np.max(np.abs(a))
+
+
+def test_params_sha256_is_stable_and_sensitive():
+    cfg = fp32()
+    p = init_params(cfg, jax.random.key(0))
+    assert params_sha256(p) == params_sha256(init_params(cfg, jax.random.key(0)))
+    bumped = dict(p, final_norm=p["final_norm"].at[0].add(1e-3))
+    assert params_sha256(bumped) != params_sha256(p)

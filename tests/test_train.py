@@ -1,0 +1,88 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from crosstrain.config import load_config
+from crosstrain.model import init_params
+from crosstrain.train.step import init_state, make_train_step
+
+
+def cli_env():
+    """A user's environment: one CPU device, the test session's cache."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def run_cli(*args, check=True, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "crosstrain", *args], env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_tiny_batch_overfits():
+    cfg = load_config("tiny", ["model.compute_dtype=float32", "optim.schedule=constant", "optim.warmup_steps=0",
+                               "optim.lr=0.01", "optim.weight_decay=0", "train.steps=200"])
+    state = init_state(init_params(cfg.model, jax.random.key(0)))
+    batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab, size=(4, 33)), jnp.int32)
+    step = jax.jit(make_train_step(cfg))
+    first = None
+    for _ in range(200):
+        state, metrics = step(state, batch)
+        first = float(metrics["loss"]) if first is None else first
+    assert first > 5.0
+    assert float(metrics["loss"]) < 0.1
+
+
+def test_microbatches_accumulate_to_the_same_step():
+    base = ["model.compute_dtype=float32", "optim.warmup_steps=0"]
+    c1 = load_config("tiny", base)
+    c4 = load_config("tiny", base + ["train.microbatches=4"])
+    params = init_params(c1.model, jax.random.key(0))
+    batch = jnp.asarray(np.random.default_rng(0).integers(0, c1.model.vocab, size=(8, 65)), jnp.int32)
+    s1, m1 = jax.jit(make_train_step(c1))(init_state(params), batch)
+    s4, m4 = jax.jit(make_train_step(c4))(init_state(params), batch)
+    assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-5)
+    assert float(m1["grad_norm"]) == pytest.approx(float(m4["grad_norm"]), rel=1e-4)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+        # Adam normalises the first step (|update| ~ lr = 1e-2), which magnifies float noise in
+        # near-zero gradients; 1e-4 is 1% of a step.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_train_tiny_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("train", "--preset", "tiny", "--run-dir", str(run))
+    assert "Traceback" not in proc.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    for key in ("step", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu"):
+        assert key in records[0]
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert records[0]["mfu"] is not None and 0 < records[-1]["mfu"] < 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["final_loss"] == records[-1]["loss"]
+    assert summary["tokens_seen"] == 40 * 8 * 64 and len(summary["params_sha256"]) == 64
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["model"]["layers"] == 2 and resolved["train"]["steps"] == 40
+    assert (run / "tokenizer.json").is_file()
+
+    out = run_cli("generate", "--run-dir", str(run), "--prompt", "def ", "--max-new-tokens", "12", "--greedy", "--json")
+    gen = json.loads(out.stdout)
+    assert gen["new_tokens"] >= 1 and isinstance(gen["text"], str) and gen["tokens_per_s"] >= 0
+    again = run_cli("generate", "--run-dir", str(run), "--prompt", "def ", "--max-new-tokens", "12", "--greedy", "--json")
+    assert json.loads(again.stdout)["tokens"] == gen["tokens"]
+
+    # Running the finished run again does no work and keeps the result.
+    rerun = run_cli("train", "--preset", "tiny", "--run-dir", str(run))
+    assert "already complete" in rerun.stderr
+    assert json.loads((run / "summary.json").read_text())["params_sha256"] == summary["params_sha256"]
