@@ -43,13 +43,30 @@ def _load_config(args):
     return load_config(args.preset, overrides)
 
 
+def _add_process_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("many processes (default: CROSSTRAIN_* variables, or a detected TPU/SLURM/MPI cluster)")
+    g.add_argument("--coordinator", help="host:port of process 0")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
+    g.add_argument("--cpu-devices", type=int, help="CPU devices this process exposes (testing multi-device on a CPU)")
+
+
+def _init_processes(args) -> None:
+    from crosstrain.parallel import distributed
+
+    spec = distributed.spec_from(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
+    distributed.initialize(spec)
+
+
 def cmd_train(args) -> int:
+    from crosstrain import log as logsetup
+
+    cfg = _load_config(args)  # validate before joining other processes or touching devices
+    _init_processes(args)
     import jax
 
-    from crosstrain import log as logsetup
     from crosstrain.train.loop import train
 
-    cfg = _load_config(args)
     run_dir = Path(args.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +113,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from crosstrain.parallel.distributed import launch
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    return launch(command, processes=args.processes, devices_per_process=args.devices_per_process, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="crosstrain", description="Pre-train AFM-style language models on any JAX accelerator.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -103,7 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (resumes if --run-dir holds a run)")
     _add_config_args(p)
     p.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and plots go")
+    _add_process_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("launch", help="run a crosstrain command as N processes on this machine (127.0.0.1)")
+    p.add_argument("--processes", type=int, required=True)
+    p.add_argument("--devices-per-process", type=int, help="CPU devices per process")
+    p.add_argument("--port", type=int, help="coordinator port (default: a free one)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the crosstrain command, e.g. -- train --preset tiny ...")
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
     p.add_argument("--run-dir", required=True)

@@ -150,9 +150,13 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
     description: str = ""
+    # "section.key" names the preset or --set gave; a mesh rule only fills in the others.
+    explicit: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        data = _plain(dataclasses.asdict(self))
+        data.pop("explicit", None)
+        return data
 
     def replace(self, **sections: Any) -> "Config":
         return dataclasses.replace(self, **sections)
@@ -163,7 +167,9 @@ class Config:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "description"}
+SECTIONS: dict[str, type] = {
+    f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("description", "explicit")
+}
 _SECTION_TYPES = typing.get_type_hints(Config)
 
 
@@ -342,7 +348,8 @@ def config_from_dict(raw: dict[str, Any], overrides: tuple[str, ...] | list[str]
     sections = {
         name: _build(_SECTION_TYPES[name], merged.get(name, {}), name) for name in SECTIONS
     }
-    cfg = Config(description=description, **sections)
+    explicit = frozenset(f"{sec}.{key}" for sec, values in merged.items() for key in values)
+    cfg = Config(description=description, explicit=explicit, **sections)
     validate(cfg)
     return cfg
 

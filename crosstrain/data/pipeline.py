@@ -4,8 +4,8 @@ A batch is a pure function of the step index: sequence `j` of global batch `s` i
 `s * batch + j` of a Grain `MapDataset` that packs the training stream into sequences of
 `seq_len + 1` tokens (inputs and shifted targets share all but one token), shuffles them with the
 run's seed and reshuffles every epoch. Resuming at step `s` therefore needs nothing but `s`, and
-process `p` of `P` reads only rows `[p * batch / P, (p + 1) * batch / P)` of each global batch, so
-the global batch is the same whatever the process count.
+each process reads only the rows of the global batch that its devices hold, so the global batch is
+the same whatever the process count.
 """
 
 from __future__ import annotations
@@ -57,8 +57,6 @@ class Pipeline:
     seq_len: int
     global_batch: int
     seed: int
-    process_index: int = 0
-    process_count: int = 1
 
     def __post_init__(self) -> None:
         self.train_sequences = PackedSequences(self.store.train, self.seq_len)
@@ -68,29 +66,27 @@ class Pipeline:
                 f"model.seq_len + 1 = {self.seq_len + 1}"
             )
         self._shuffled = grain.MapDataset.source(self.train_sequences).shuffle(seed=self.seed).repeat(None)
-        if self.global_batch % self.process_count:
-            raise UserError(
-                f"train.batch: {self.global_batch} is not divisible by the process count ({self.process_count})"
-            )
-        self.local_batch = self.global_batch // self.process_count
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
-    def train_batch(self, step: int) -> np.ndarray:
-        """This process's rows of global batch `step` (0-based), int32 [local_batch, seq_len + 1]."""
-        first = step * self.global_batch + self.process_index * self.local_batch
-        return np.stack([self._shuffled[first + j] for j in range(self.local_batch)])
+    def _rows(self, rows: Optional[tuple[int, int]]) -> range:
+        lo, hi = (0, self.global_batch) if rows is None else rows
+        return range(lo, hi)
 
-    def eval_batches(self, count: int) -> Iterator[np.ndarray]:
+    def train_batch(self, step: int, rows: Optional[tuple[int, int]] = None) -> np.ndarray:
+        """Rows [lo, hi) (default: all) of global batch `step` (0-based), int32 [rows, seq_len + 1]."""
+        first = step * self.global_batch
+        return np.stack([self._shuffled[first + j] for j in self._rows(rows)])
+
+    def eval_batches(self, count: int, rows: Optional[tuple[int, int]] = None) -> Iterator[np.ndarray]:
         """Up to `count` batches of held-out sequences in order (training data if none held out)."""
         stream = self.store.heldout if self.store.heldout_documents else self.store.train
         seqs = PackedSequences(stream, self.seq_len)
         n = min(count, len(seqs) // self.global_batch)
         for b in range(n):
-            first = b * self.global_batch + self.process_index * self.local_batch
-            yield np.stack([seqs[first + j] for j in range(self.local_batch)])
+            yield np.stack([seqs[b * self.global_batch + j] for j in self._rows(rows)])
 
     def state(self, step: int) -> dict:
         """Everything needed to resume the stream: batches are indexed by step."""
@@ -112,13 +108,7 @@ def _progress(total_bytes: int, label: str):
     return bar
 
 
-def build_pipeline(
-    cfg: Config,
-    *,
-    run_dir: Optional[Path] = None,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> Pipeline:
+def build_pipeline(cfg: Config, *, run_dir: Optional[Path] = None, write_files: bool = True) -> Pipeline:
     files, ident = _sources(cfg)
     cache = corpus.cache_dir()
     max_bytes = cfg.data.max_bytes
@@ -148,7 +138,7 @@ def build_pipeline(
             f"model.vocab: {cfg.model.vocab} is smaller than the tokenizer's vocabulary ({tokenizer.get_vocab_size()})"
         )
     eot = eot_id(tokenizer)
-    if run_dir is not None and process_index == 0 and not (run_dir / "tokenizer.json").is_file():
+    if run_dir is not None and write_files and not (run_dir / "tokenizer.json").is_file():
         tmp = run_dir / "tokenizer.json.tmp"
         tokenizer.save(str(tmp))
         tmp.replace(run_dir / "tokenizer.json")
@@ -182,6 +172,4 @@ def build_pipeline(
         seq_len=cfg.model.seq_len,
         global_batch=cfg.train.batch,
         seed=cfg.train.seed,
-        process_index=process_index,
-        process_count=process_count,
     )

@@ -113,7 +113,11 @@ def decoder(
     `start_pos`, attention runs against every cached position, and the updated cache is returned.
     """
     cdt = dtype_of(cfg.compute_dtype)
-    x = jnp.take(params["embed"], tokens, axis=0).astype(cdt)
+    # A row lookup cannot be served from a sharded table without moving the fsdp axis from the
+    # model width to the batch (an all-to-all GSPMD will not plan): all-gather the table first,
+    # as FSDP does for every weight before use.
+    table = constrain(params["embed"], (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(cdt)
     x = constrain(x, ("batch", "length", "act_embed"))
     q_pos = start_pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     kv_pos = q_pos if cache is None else jnp.arange(cache["k"].shape[2], dtype=jnp.int32)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -78,3 +81,88 @@ def build_mesh(shape: MeshShape, devices: Sequence[jax.Device] | None = None) ->
     except Exception:
         arr = np.asarray(devices).reshape(shape.sizes)
     return Mesh(arr, AXES)
+
+
+# --------------------------------------------------------------------------------------------
+# Mesh rules: the default layout per chip, chosen from the device kind (or by name with
+# mesh.rule=NAME). A rule fills in only the mesh axes and settings that the preset and --set
+# leave unsaid, so an explicit mesh always wins.
+
+
+@dataclass(frozen=True)
+class MeshRule:
+    name: str
+    pattern: str  # regex on "<platform>:<device_kind>"
+    data: int
+    fsdp: int
+    tensor: int
+    overrides: tuple[str, ...]
+    why: str
+
+
+MESH_RULES: tuple[MeshRule, ...] = (
+    MeshRule("tpu-v4", r"^tpu:TPU v4", 1, -1, 1, (),
+             "3D-torus ICI (600 GB/s per chip) makes the all-gathers of full FSDP cheap; no tensor parallelism needed below ~100B"),
+    MeshRule("tpu-v5p", r"^tpu:TPU v5p?$|^tpu:TPU v5p", 1, -1, 1, (),
+             "95 GiB and 1.2 TB/s ICI per chip: full FSDP over the slice, as MaxText and AXLearn run v5p"),
+    MeshRule("tpu-v5e", r"^tpu:TPU v5 ?(lite|e)", 1, -1, 1, ("model.remat=full",),
+             "only 16 GB HBM per chip: shard everything over the 2D torus and recompute activations"),
+    MeshRule("tpu-v6e", r"^tpu:TPU v6", 1, -1, 1, ("model.remat=full",),
+             "32 GB HBM against 918 TFLOP/s: full FSDP and full recomputation keep large batches in memory"),
+    MeshRule("trn1", r"(?i)trn1|trainium1?$|NC_v2", 1, -1, 2, (),
+             "tensor parallelism over the 2 NeuronCores of a chip (on-chip bandwidth), FSDP across chips over NeuronLink"),
+    MeshRule("trn2", r"(?i)trn2|trainium2|NC_v3", 1, -1, 4, (),
+             "tensor parallelism over a chip's 4 logical NeuronCores (LNC=2), FSDP across chips on the NeuronLink torus"),
+    MeshRule("gpu", r"^gpu:.*(A100|H100|H200|B200)", -1, 8, 1, (),
+             "FSDP inside an 8-GPU NVLink node, data parallelism across nodes so only gradients cross InfiniBand/EFA"),
+    MeshRule("cpu", r"^cpu:", -1, 1, 1, (),
+             "host devices share one memory: plain data parallelism"),
+)
+
+
+def rule_names() -> list[str]:
+    return [r.name for r in MESH_RULES]
+
+
+def select_rule(name: str, device) -> MeshRule | None:
+    if name == "none":
+        return None
+    if name != "auto":
+        for rule in MESH_RULES:
+            if rule.name == name:
+                return rule
+        raise ConfigError("mesh.rule", f"unknown rule '{name}' (known: auto, none, {', '.join(rule_names())})")
+    key = f"{device.platform}:{getattr(device, 'device_kind', '')}"
+    for rule in MESH_RULES:
+        if re.search(rule.pattern, key):
+            return rule
+    return None
+
+
+def apply_mesh_rule(cfg: Config, devices: Sequence[jax.Device]) -> tuple[Config, MeshRule | None]:
+    """The config with the selected rule's mesh axes and overrides filled in where unset."""
+    rule = select_rule(cfg.mesh.rule, devices[0])
+    if rule is None:
+        return cfg, None
+    n = len(devices)
+    sizes = {a: getattr(cfg.mesh, a) for a in AXES if f"mesh.{a}" in cfg.explicit}
+    fixed = int(np.prod([v for v in sizes.values() if v != -1])) if sizes else 1
+    remaining = n // fixed if fixed and n % fixed == 0 else n
+    has_fill = any(v == -1 for v in sizes.values())
+    for axis in ("tensor", "fsdp", "data"):  # innermost first: fast axes get the fast links
+        if axis in sizes:
+            continue
+        want = getattr(rule, axis)
+        if want == -1:
+            sizes[axis] = 1 if has_fill else -1
+            has_fill = True
+        else:
+            sizes[axis] = math.gcd(want, remaining)  # fewer devices than the rule wants: shrink
+            remaining //= sizes[axis]
+    raw = cfg.to_dict()
+    raw["mesh"].update(sizes)
+    overrides = [o for o in rule.overrides if o.split("=", 1)[0] not in cfg.explicit]
+    from crosstrain.config import config_from_dict
+
+    new = config_from_dict(raw, overrides)
+    return dataclasses.replace(new, explicit=cfg.explicit), rule

@@ -29,7 +29,7 @@ from crosstrain.data.pipeline import Pipeline, build_pipeline
 from crosstrain.errors import UserError
 from crosstrain.flops import CROSSTRAIN_CONVENTION, flops_per_token
 from crosstrain.model import count_params, init_params, loss_fn, param_axes, params_sha256
-from crosstrain.parallel.mesh import build_mesh, check_model_fits_mesh, resolve_shape
+from crosstrain.parallel.mesh import apply_mesh_rule, build_mesh, check_model_fits_mesh, resolve_shape
 from crosstrain.parallel.rules import activate, logical_to_spec, named_sharding
 from crosstrain.train import optimizer
 from crosstrain.train.checkpoint import Checkpointer, abstract_like
@@ -104,6 +104,19 @@ def state_from_run(setup: Setup, source: Path) -> TrainState:
     return fn(src_state.params)
 
 
+def process_rows(setup: Setup) -> tuple[int, int]:
+    """The rows [lo, hi) of the global batch that this process's devices hold."""
+    shape = (setup.cfg.train.batch, setup.cfg.model.seq_len + 1)
+    index = setup.batch_sharding.addressable_devices_indices_map(shape)
+    spans = sorted({(sl[0].start or 0, shape[0] if sl[0].stop is None else sl[0].stop) for sl in index.values()})
+    lo, reach = spans[0][0], spans[0][0]
+    for a, b in spans:
+        if a > reach:
+            raise RuntimeError(f"this process's batch rows are not contiguous: {spans}")
+        reach = max(reach, b)
+    return lo, reach
+
+
 def global_batch_array(setup: Setup, local: np.ndarray) -> jax.Array:
     """Assemble the global batch from each process's rows."""
     global_shape = (setup.cfg.train.batch, local.shape[1])
@@ -134,6 +147,10 @@ def host_tree(tree: Any) -> Any:
     from jax.experimental import multihost_utils
 
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def total_state_bytes(state: TrainState) -> int:
+    return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state)))
 
 
 def per_device_state_bytes(state: TrainState) -> int:
@@ -211,10 +228,17 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     t_start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    _check_resume_config(cfg, run_dir)
-
     devices = jax.devices()
+    cfg, rule = apply_mesh_rule(cfg, devices)
+    _check_resume_config(cfg, run_dir)
     setup = make_setup(cfg, devices)  # validates mesh vs devices and model before any compile
+    with activate(setup.mesh):
+        return _train(cfg, run_dir, setup, rule, t_start)
+
+
+def _train(cfg: Config, run_dir: Path, setup: Setup, rule, t_start: float) -> dict[str, Any]:
+    is_main = jax.process_index() == 0
+    devices = jax.devices()
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     m, t = cfg.model, cfg.train
@@ -229,10 +253,11 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         len(devices), devices[0].device_kind, devices[0].platform, jax.process_count(),
         shape["data"], shape["fsdp"], shape["tensor"],
     )
+    if rule is not None:
+        log.info("mesh rule %s: %s", rule.name, rule.why)
 
-    pipeline = build_pipeline(
-        cfg, run_dir=run_dir, process_index=jax.process_index(), process_count=jax.process_count()
-    )
+    pipeline = build_pipeline(cfg, run_dir=run_dir, write_files=is_main)
+    rows = process_rows(setup)
     log.info(
         "data: %d training tokens in %d documents (%d held out), %d sequences of %d tokens",
         pipeline.store.train_end, pipeline.store.documents, pipeline.store.heldout_documents,
@@ -266,7 +291,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         return {"steps": start, "params_sha256": params_sha256(host_tree(state.params))}
 
     state_bytes = per_device_state_bytes(state)
-    log.info("per-device parameters + optimizer state: %.2f MiB", state_bytes / 2**20)
+    log.info(
+        "parameters + optimizer state: %.2f MiB per device (%.2f MiB unsharded, fsdp=%d, tensor=%d)",
+        state_bytes / 2**20, total_state_bytes(state) / 2**20, shape["fsdp"], shape["tensor"],
+    )
 
     step_fn = jax.jit(
         make_train_step(cfg),
@@ -281,8 +309,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     )
     batch_struct = jax.ShapeDtypeStruct((t.batch, m.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
     t0 = time.perf_counter()
-    with activate(setup.mesh):
-        compiled = step_fn.lower(state, batch_struct).compile()
+    compiled = step_fn.lower(state, batch_struct).compile()
     compile_s = time.perf_counter() - t0
     log.info("compiled the train step in %.1f s", compile_s)
 
@@ -292,12 +319,12 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     flops_per_step = flops_per_token(m) * tokens_per_step
 
     def evaluate(params) -> Optional[float]:
-        losses = [float(eval_fn(params, global_batch_array(setup, b))) for b in pipeline.eval_batches(t.eval_batches)]
+        losses = [float(eval_fn(params, global_batch_array(setup, b))) for b in pipeline.eval_batches(t.eval_batches, rows)]
         return float(np.mean(losses)) if losses else None
 
     writer = MetricsWriter(run_dir / "metrics.jsonl", resume_step=start if latest is not None else None) if is_main else None
     bar = _progress_bar(t.steps, start) if is_main else None
-    prefetch = Prefetcher(pipeline.train_batch, start, t.steps)
+    prefetch = Prefetcher(lambda step: pipeline.train_batch(step, rows), start, t.steps)
     step_times: list[float] = []
     last_record: dict[str, Any] = {}
     pending: Optional[tuple[int, Any]] = None

@@ -1,0 +1,238 @@
+"""Sharded training on 8 forced CPU devices matches the single-device run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crosstrain.cli import main
+from crosstrain.config import load_config
+from crosstrain.errors import ConfigError
+from crosstrain.parallel.mesh import apply_mesh_rule, select_rule
+from crosstrain.train.loop import (
+    global_batch_array,
+    init_train_state,
+    make_setup,
+    per_device_state_bytes,
+    process_rows,
+    total_state_bytes,
+)
+from crosstrain.parallel.rules import activate
+from crosstrain.train.step import make_train_step
+
+# Adam divides by |g| + eps: with eps = 1e-8, float-reordering noise in a gradient that is itself
+# ~1e-8 (summation order differs between meshes) becomes an O(1) change in that element's update.
+# eps = 1e-3 keeps the parameter comparison about the sharded computation; gradients are also
+# compared directly below with the default eps.
+BASE = ["model.compute_dtype=float32", "optim.warmup_steps=1", "optim.eps=1e-3"]
+
+
+def run_steps(mesh, steps=3, extra=()):
+    data, fsdp, tensor = mesh
+    cfg = load_config("tiny", [*BASE, f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", *extra])
+    devices = jax.devices()[: data * fsdp * tensor]
+    setup = make_setup(cfg, devices)
+    rng = np.random.default_rng(0)
+    with activate(setup.mesh):
+        state = init_train_state(setup)
+        step = jax.jit(make_train_step(cfg), in_shardings=(setup.state_shardings, setup.batch_sharding),
+                       out_shardings=(setup.state_shardings, setup.replicated))
+        losses = []
+        for _ in range(steps):
+            batch = rng.integers(0, cfg.model.vocab, size=(cfg.train.batch, cfg.model.seq_len + 1)).astype(np.int32)
+            state, metrics = step(state, global_batch_array(setup, batch))
+            losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params)
+
+
+@pytest.fixture(scope="module")
+def single():
+    return run_steps((1, 1, 1))
+
+
+@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 8, 1), (4, 1, 2)])
+def test_sharded_steps_match_single_device(mesh, single):
+    losses, params = run_steps(mesh)
+    ref_losses, ref_params = single
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for path_a, a in jax.tree_util.tree_flatten_with_path(params)[0]:
+        b = ref_params
+        for k in path_a:
+            b = b[k.key]
+        rel = np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))
+        assert rel < 1e-5, (jax.tree_util.keystr(path_a), rel)
+
+
+def test_sharded_gradients_match_single_device():
+    from crosstrain.model import loss_fn
+
+    grads = {}
+    for mesh in [(1, 1, 1), (2, 2, 2), (1, 8, 1), (4, 1, 2)]:
+        data, fsdp, tensor = mesh
+        cfg = load_config("tiny", ["model.compute_dtype=float32", f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"])
+        setup = make_setup(cfg, jax.devices()[: data * fsdp * tensor])
+        batch = np.random.default_rng(1).integers(0, cfg.model.vocab, size=(8, 65)).astype(np.int32)
+        with activate(setup.mesh):
+            params = init_train_state(setup).params
+            g = jax.jit(lambda p, b: jax.grad(loss_fn)(p, b, cfg.model))(params, global_batch_array(setup, batch))
+        grads[mesh] = jax.device_get(g)
+    ref = jax.tree.leaves(grads[(1, 1, 1)])
+    for mesh, g in grads.items():
+        for a, b in zip(jax.tree.leaves(g), ref):
+            assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5, mesh
+
+
+def test_gradient_accumulation_under_sharding(single):
+    losses, params = run_steps((2, 2, 2), extra=["train.microbatches=2"])
+    np.testing.assert_allclose(losses, single[0], rtol=1e-5)
+
+
+def test_per_device_bytes_shrink_with_fsdp():
+    sizes = {}
+    for k in (1, 2, 4, 8):
+        cfg = load_config("tiny", [*BASE, "mesh.data=1", f"mesh.fsdp={k}", "mesh.tensor=1"])
+        setup = make_setup(cfg, jax.devices()[:k])
+        state = init_train_state(setup)
+        sizes[k] = per_device_state_bytes(state)
+        total = total_state_bytes(state)
+    assert sizes[1] == total
+    for k in (2, 4, 8):
+        # Only the norm scales (a few hundred floats) stay replicated.
+        assert total / k <= sizes[k] < 1.05 * total / k, (k, sizes[k], total)
+
+
+def test_every_process_row_is_covered():
+    cfg = load_config("tiny", [*BASE, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    setup = make_setup(cfg, jax.devices())
+    assert process_rows(setup) == (0, cfg.train.batch)  # one process holds every device
+
+
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        (["mesh.data=3"], "data=3 x fsdp=1 x tensor=1 = 3, but there are 8 devices"),
+        (["mesh.data=3", "mesh.fsdp=-1"], "data=3 x tensor=1 does not divide the 8 devices"),
+        (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1"], "= 4, but there are 8 devices"),
+        (["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=8"], "model.heads (4) is not divisible by mesh.tensor (8)"),
+        (["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=4"], "model.kv_heads (2) is not divisible by mesh.tensor (4)"),
+        (["mesh.data=8", "train.batch=4"], "not divisible by the data-parallel size"),
+        (["mesh.rule=tpu-v9"], "mesh.rule: unknown rule"),
+    ],
+)
+def test_invalid_meshes_exit_2_before_compiling(sets, words, tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--set", *sets, "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def fake_device(platform, kind):
+    return SimpleNamespace(platform=platform, device_kind=kind)
+
+
+def test_mesh_rules_by_device_kind():
+    picks = {
+        ("tpu", "TPU v4"): "tpu-v4",
+        ("tpu", "TPU v5"): "tpu-v5p",
+        ("tpu", "TPU v5 lite"): "tpu-v5e",
+        ("tpu", "TPU v6 lite"): "tpu-v6e",
+        ("gpu", "NVIDIA H100 80GB HBM3"): "gpu",
+        ("gpu", "NVIDIA A100-SXM4-80GB"): "gpu",
+        ("neuron", "trn2"): "trn2",
+        ("neuron", "NC_v2"): "trn1",
+        ("cpu", "cpu"): "cpu",
+    }
+    for (platform, kind), name in picks.items():
+        assert select_rule("auto", fake_device(platform, kind)).name == name, kind
+    assert select_rule("auto", fake_device("gpu", "Some Future GPU")) is None
+    assert select_rule("none", fake_device("cpu", "cpu")) is None
+
+
+def test_mesh_rules_fill_only_what_is_unsaid():
+    gpu16 = [fake_device("gpu", "NVIDIA H100 80GB HBM3")] * 16
+    cfg, rule = apply_mesh_rule(load_config("tiny"), gpu16)
+    assert rule.name == "gpu" and (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (-1, 8, 1)
+    cfg, _ = apply_mesh_rule(load_config("tiny"), gpu16[:4])
+    assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (-1, 4, 1)
+    trn2 = [fake_device("neuron", "trn2")] * 64
+    cfg, _ = apply_mesh_rule(load_config("tiny"), trn2)
+    assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (1, -1, 4)
+    v5e = [fake_device("tpu", "TPU v5 lite")] * 8
+    cfg, _ = apply_mesh_rule(load_config("tiny"), v5e)
+    assert cfg.model.remat == "full"
+    cfg, _ = apply_mesh_rule(load_config("tiny", ["model.remat=selective", "mesh.tensor=2"]), v5e)
+    assert cfg.model.remat == "selective" and cfg.mesh.tensor == 2 and cfg.mesh.fsdp == -1
+
+
+def _cli_env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _losses(run):
+    import json
+
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_match_one(tmp_path):
+    args = ["train", "--preset", "tiny", "--set", "model.compute_dtype=float32", "train.steps=6"]
+    one = subprocess.run([sys.executable, "-m", "crosstrain", *args, "--run-dir", str(tmp_path / "one")],
+                         env=_cli_env(), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "crosstrain", "launch", "--processes", "2", "--devices-per-process", "2",
+                          "--", *args, "mesh.fsdp=4", "--run-dir", str(tmp_path / "two")],
+                         env=_cli_env(), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:]
+    assert "[p0]" in two.stdout and "[p1]" in two.stdout
+    assert "mesh data=1 fsdp=4 tensor=1" in two.stdout and "in 2 process(es)" in two.stdout
+    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5)
+    assert not (tmp_path / "two" / "metrics.jsonl.tmp").exists()
+
+
+def _find_child(process_id: int, run_dir: Path) -> int | None:
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            environ = (pid_dir / "environ").read_bytes().split(b"\0")
+            cmdline = (pid_dir / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"CROSSTRAIN_PROCESS_ID={process_id}".encode() in environ and str(run_dir).encode() in cmdline:
+            return int(pid_dir.name)
+    return None
+
+
+def test_launch_ends_every_process_when_one_dies(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crosstrain", "launch", "--processes", "2", "--devices-per-process", "1", "--",
+         "train", "--preset", "tiny", "--set", "train.steps=100000", "train.log_every=100", "--run-dir", str(run)],
+        env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        victim = _find_child(1, run)
+        survivor = _find_child(0, run)
+        assert victim and survivor
+        os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "[launch] process 1 exited with status -9; ending the others" in out
+    time.sleep(0.5)
+    assert _find_child(0, run) is None  # the survivor was ended, not left hanging in a collective
