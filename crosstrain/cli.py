@@ -31,7 +31,8 @@ def _add_config_args(p: argparse.ArgumentParser, *, preset_required: bool = True
         metavar="SECTION.KEY=VALUE",
         help="override a config value (repeatable; several may follow one --set)",
     )
-    p.add_argument("--data", help="training data: a directory of .txt files (default: the built-in corpus)")
+    p.add_argument("--data", help="training data: a text directory or file, .jsonl, .parquet, or a datasets save_to_disk "
+                   "directory (default: the built-in corpus)")
 
 
 def _load_config(args):
@@ -113,6 +114,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_tokenize(args) -> int:
+    from crosstrain import log as logsetup
+    from crosstrain.data.pipeline import build_pipeline
+
+    cfg = _load_config(args)
+    logsetup.setup()
+    pipeline = build_pipeline(cfg, write_files=False)
+    print(json.dumps(pipeline.report(), indent=2))
+    return 0
+
+
 def cmd_launch(args) -> int:
     from crosstrain.parallel.distributed import launch
 
@@ -131,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and plots go")
     _add_process_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tokenize", help="build (or reuse) the tokenizer and token stores of a config, print the data report")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("launch", help="run a crosstrain command as N processes on this machine (127.0.0.1)")
     p.add_argument("--processes", type=int, required=True)

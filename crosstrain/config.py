@@ -98,23 +98,39 @@ class MeshConfig:
     rule: str = "auto"
 
 
+Format = Literal["auto", "text", "jsonl", "parquet", "hf"]
+
+
 @dataclass(frozen=True)
 class SourceConfig:
-    """One data source of a mixture."""
+    """One data source of a mixture (data/sources.py describes the formats)."""
 
     path: str = ""
-    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = "auto"
-    field: str = "text"
+    format: Format = "auto"
+    field: str = "text"  # JSONL key or Parquet / Arrow column holding the document
+    glob: str = "**/*.txt"  # files of a text directory
     weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class MixturePhase:
+    """From global step `step` on, sample the sources with these weights (one per source)."""
+
+    step: int = 0
+    weights: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
 class DataConfig:
     # Empty: the built-in corpus (the Python standard library of the running interpreter).
     path: str = ""
-    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = "auto"
+    format: Format = "auto"
     field: str = "text"
+    glob: str = "**/*.txt"
+    # Several weighted sources instead of `path`.
     sources: tuple[SourceConfig, ...] = ()
+    # Later phases of the mixture weights (the sources' own weights hold from step 0).
+    mixture: tuple[MixturePhase, ...] = ()
     # A Hugging Face tokenizer.json to use; empty trains a byte-level BPE of model.vocab tokens.
     tokenizer: str = ""
     # Read at most this many bytes of the corpus (0: all of it). Keeps tests and demos quick.
@@ -445,6 +461,17 @@ def validate(cfg: Config) -> None:
         if not Path(s.path).exists():
             raise ConfigError(f"data.sources[{i}].path", f"{s.path} does not exist")
         _positive(f"data.sources[{i}].weight", s.weight)
+    n_sources = len(d.sources) or 1
+    last = 0
+    for i, phase in enumerate(d.mixture):
+        name = f"data.mixture[{i}]"
+        if phase.step <= last:
+            raise ConfigError(f"{name}.step", f"phases must start at increasing steps after 0, got {phase.step}")
+        last = phase.step
+        if len(phase.weights) != n_sources:
+            raise ConfigError(f"{name}.weights", f"needs one weight per source ({n_sources}), got {len(phase.weights)}")
+        if any(w < 0 for w in phase.weights) or not sum(phase.weights) > 0:
+            raise ConfigError(f"{name}.weights", "must be >= 0 with a positive sum")
     if cfg.init.from_run and not Path(cfg.init.from_run).is_dir():
         raise ConfigError("init.from_run", f"{cfg.init.from_run} is not a directory")
 
@@ -524,6 +551,7 @@ __all__ = [
     "MeshConfig",
     "DataConfig",
     "SourceConfig",
+    "MixturePhase",
     "CheckpointConfig",
     "InitConfig",
     "load_config",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from crosstrain.errors import UserError
+from crosstrain.paths import cache_dir
 
 GIB = 1024**3
 
@@ -172,10 +173,6 @@ def detect_chip(device) -> Optional[Chip]:
 # The CPU: peak = measured large-matmul rate on this machine.
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("CROSSTRAIN_CACHE", Path.home() / ".cache" / "crosstrain"))
-
-
 def _cpu_identity() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -217,7 +214,7 @@ def cpu_matmul_ceiling(*, refresh: bool = False) -> dict[str, float]:
     """This machine's fp32 and bf16 large-matmul TFLOP/s, cached per CPU model, core count and
     JAX version."""
     ident = _cpu_identity()
-    path = _cache_dir() / f"cpu_peak_{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+    path = cache_dir() / f"cpu_peak_{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
     if not refresh and path.is_file():
         try:
             data = json.loads(path.read_text())

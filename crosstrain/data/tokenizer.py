@@ -7,7 +7,7 @@ whatever their neighbours. Id 0 is the end-of-document token `<|endoftext|>`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -15,6 +15,21 @@ from crosstrain.errors import UserError
 
 EOT = "<|endoftext|>"
 MIN_VOCAB = 256 + 1  # the byte alphabet plus the end-of-document token
+
+
+TRAIN_LINE_CHARS = 4096
+
+
+def training_lines(texts: Iterable[str]) -> Iterator[str]:
+    """Text for BPE training, with lines cut to TRAIN_LINE_CHARS: merge counting over one
+    multi-megabyte "word" (a minified or base64 line) takes hours and teaches nothing useful."""
+    for text in texts:
+        if len(text) <= TRAIN_LINE_CHARS:
+            yield text
+            continue
+        for line in text.splitlines(keepends=True):
+            for i in range(0, len(line), TRAIN_LINE_CHARS):
+                yield line[i : i + TRAIN_LINE_CHARS]
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -37,7 +52,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator(training_lines(texts), trainer)
     return tok
 
 

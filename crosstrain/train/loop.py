@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from crosstrain import hardware
 from crosstrain.config import Config, config_from_dict, read_preset, resume_differences, save_config
-from crosstrain.data.pipeline import Pipeline, build_pipeline
+from crosstrain.data.pipeline import build_pipeline, resolve_sources
 from crosstrain.errors import UserError
 from crosstrain.flops import CROSSTRAIN_CONVENTION, flops_per_token
 from crosstrain.model import count_params, init_params, loss_fn, param_axes, params_sha256
@@ -162,42 +160,6 @@ def per_device_state_bytes(state: TrainState) -> int:
     return total
 
 
-class Prefetcher:
-    """Prepares host batches for steps [start, end) on a background thread."""
-
-    def __init__(self, fetch: Callable[[int], np.ndarray], start: int, end: int, depth: int = 2):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: Optional[BaseException] = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(fetch, start, end), daemon=True)
-        self._thread.start()
-
-    def _run(self, fetch, start, end):
-        try:
-            for step in range(start, end):
-                if self._stop.is_set():
-                    return
-                item = (step, fetch(step))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as e:  # surfaced in get()
-            self._error = e
-            self._queue.put(None)
-
-    def get(self) -> tuple[int, np.ndarray]:
-        item = self._queue.get()
-        if item is None:
-            raise self._error  # type: ignore[misc]
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-
-
 # --------------------------------------------------------------------------------------------
 # The run.
 
@@ -231,6 +193,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     devices = jax.devices()
     cfg, rule = apply_mesh_rule(cfg, devices)
     _check_resume_config(cfg, run_dir)
+    resolve_sources(cfg)  # paths and formats, before anything is logged or compiled
     setup = make_setup(cfg, devices)  # validates mesh vs devices and model before any compile
     with activate(setup.mesh):
         return _train(cfg, run_dir, setup, rule, t_start)
@@ -259,9 +222,9 @@ def _train(cfg: Config, run_dir: Path, setup: Setup, rule, t_start: float) -> di
     pipeline = build_pipeline(cfg, run_dir=run_dir, write_files=is_main)
     rows = process_rows(setup)
     log.info(
-        "data: %d training tokens in %d documents (%d held out), %d sequences of %d tokens",
-        pipeline.store.train_end, pipeline.store.documents, pipeline.store.heldout_documents,
-        len(pipeline.train_sequences), m.seq_len,
+        "data: %d training tokens in %d source(s), %d sequences of %d tokens",
+        sum(st.train_end for st in pipeline.stores), len(pipeline.stores),
+        sum(len(q) for q in pipeline.train_sequences), m.seq_len,
     )
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
@@ -269,9 +232,11 @@ def _train(cfg: Config, run_dir: Path, setup: Setup, rule, t_start: float) -> di
     if latest is not None and latest > t.steps:
         raise UserError(f"train.steps: the run in {run_dir} is already at step {latest}, past train.steps={t.steps}")
     t0 = time.perf_counter()
+    data_state = None
     if latest is not None:
         state, meta = ckpt.restore(latest, abstract_train_state(setup))
         start = int(meta["step"])
+        data_state = meta.get("data", {}).get("iterator")
         log.info("resumed from checkpoint at step %d", start)
     elif cfg.init.from_run:
         state = state_from_run(setup, Path(cfg.init.from_run))
@@ -324,7 +289,9 @@ def _train(cfg: Config, run_dir: Path, setup: Setup, rule, t_start: float) -> di
 
     writer = MetricsWriter(run_dir / "metrics.jsonl", resume_step=start if latest is not None else None) if is_main else None
     bar = _progress_bar(t.steps, start) if is_main else None
-    prefetch = Prefetcher(lambda step: pipeline.train_batch(step, rows), start, t.steps)
+    batches = pipeline.batches(rows, state=data_state)
+    if batches.get_state().get("next_index", start) != start:
+        raise RuntimeError(f"the data iterator state {batches.get_state()} does not match step {start}")
     step_times: list[float] = []
     last_record: dict[str, Any] = {}
     pending: Optional[tuple[int, Any]] = None
@@ -373,7 +340,7 @@ def _train(cfg: Config, run_dir: Path, setup: Setup, rule, t_start: float) -> di
         for i in range(start, t.steps):
             step = i + 1
             w0 = time.perf_counter()
-            _, host_batch = prefetch.get()
+            host_batch = next(batches)
             batch = global_batch_array(setup, host_batch)
             window_wait += time.perf_counter() - w0
             state, metrics = compiled(state, batch)
@@ -396,7 +363,8 @@ def _train(cfg: Config, run_dir: Path, setup: Setup, rule, t_start: float) -> di
             )
             if due or is_last:
                 c0 = time.perf_counter()
-                ckpt.save(step, state, {"step": step, "data": pipeline.state(step), "config": cfg.fingerprint()}, wait=is_last)
+                meta = {"step": step, "data": {"iterator": batches.get_state()}, "config": cfg.fingerprint()}
+                ckpt.save(step, state, meta, wait=is_last)
                 ckpt_stall += time.perf_counter() - c0
                 last_ckpt_time = time.perf_counter()
             if bar is not None:
@@ -405,7 +373,6 @@ def _train(cfg: Config, run_dir: Path, setup: Setup, rule, t_start: float) -> di
             resolve(*pending)
             pending = None
     finally:
-        prefetch.close()
         if bar is not None:
             bar.close()
         if writer is not None:
