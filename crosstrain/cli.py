@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from crosstrain.errors import UserError
+
+_STARTED = time.perf_counter()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,11 +63,24 @@ def _init_processes(args) -> None:
     distributed.initialize(spec)
 
 
+def _compilation_cache() -> None:
+    """Reuse compiled programs across runs and restarts (a resumed run skips most compile time)."""
+    import jax
+
+    from crosstrain.paths import cache_dir
+
+    if os.environ.get("CROSSTRAIN_NO_COMPILE_CACHE"):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def cmd_train(args) -> int:
     from crosstrain import log as logsetup
 
     cfg = _load_config(args)  # validate before joining other processes or touching devices
     _init_processes(args)
+    _compilation_cache()
     import jax
 
     from crosstrain.train.loop import train
@@ -74,7 +91,7 @@ def cmd_train(args) -> int:
     except OSError as e:
         raise UserError(f"--run-dir: cannot create {run_dir}: {e.strerror}") from None
     logsetup.setup(run_dir, process_index=jax.process_index())
-    train(cfg, run_dir)
+    train(cfg, run_dir, started=_STARTED)
     return 0
 
 
@@ -176,6 +193,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         print(f"crosstrain: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:
+        from crosstrain.train.faults import TrainingHalted
+
+        if isinstance(e, TrainingHalted):
+            print(f"crosstrain: halted: {e}", file=sys.stderr)
+            return e.exit_code
+        raise
     except KeyboardInterrupt:
         print("crosstrain: interrupted", file=sys.stderr)
         return 130

@@ -148,6 +148,24 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """What to do about numerical faults (train/faults.py)."""
+
+    # A non-finite loss or gradient: skip that update (params and optimizer state unchanged) or
+    # stop the run (exit 3).
+    nonfinite: Literal["skip", "halt"] = "skip"
+    # Loss-spike rollback (PaLM): a loss above mean + spike_sigma x std of the last spike_window
+    # losses restores the last checkpoint and skips the batches since, through the spike's batch
+    # and spike_skip more. 0 turns it off.
+    spike_sigma: float = 0.0
+    spike_window: int = 32
+    spike_skip: int = 0
+    # Testing: poison the batch with this 1-based index (its loss NaN, or x100 for a spike).
+    inject_nan_batch: int = 0
+    inject_spike_batch: int = 0
+
+
+@dataclass(frozen=True)
 class InitConfig:
     """Where a new run's parameters come from when its run directory has no checkpoint yet."""
 
@@ -165,6 +183,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     description: str = ""
     # "section.key" names the preset or --set gave; a mesh rule only fills in the others.
     explicit: frozenset = field(default=frozenset(), compare=False, repr=False)
@@ -472,6 +491,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}.weights", f"needs one weight per source ({n_sources}), got {len(phase.weights)}")
         if any(w < 0 for w in phase.weights) or not sum(phase.weights) > 0:
             raise ConfigError(f"{name}.weights", "must be >= 0 with a positive sum")
+    f = cfg.faults
+    if f.spike_sigma < 0:
+        raise ConfigError("faults.spike_sigma", f"must be >= 0 (0 turns rollback off), got {f.spike_sigma}")
+    if f.spike_window < 2:
+        raise ConfigError("faults.spike_window", f"must be at least 2, got {f.spike_window}")
+    for key in ("spike_skip", "inject_nan_batch", "inject_spike_batch"):
+        if getattr(f, key) < 0:
+            raise ConfigError(f"faults.{key}", f"must be >= 0, got {getattr(f, key)}")
+    if f.spike_sigma and not t.checkpoint_every:
+        raise ConfigError("faults.spike_sigma", "loss-spike rollback needs checkpoints: set train.checkpoint_every")
     if cfg.init.from_run and not Path(cfg.init.from_run).is_dir():
         raise ConfigError("init.from_run", f"{cfg.init.from_run} is not a directory")
 
@@ -514,7 +543,7 @@ def resume_differences(old: Config, new: Config) -> list[str]:
     diffs = []
     for key in sorted(set(a) | set(b)):
         section = key.split(".")[0]
-        if key in RESUMABLE_KEYS or section in ("mesh", "checkpoint", "init"):
+        if key in RESUMABLE_KEYS or section in ("mesh", "checkpoint", "init", "faults"):
             continue
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
@@ -554,6 +583,7 @@ __all__ = [
     "MixturePhase",
     "CheckpointConfig",
     "InitConfig",
+    "FaultsConfig",
     "load_config",
     "load_run_config",
     "config_from_dict",

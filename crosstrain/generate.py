@@ -53,13 +53,16 @@ def load_run(run_dir: Path, *, step: Optional[int] = None) -> tuple[Config, Any,
 
     cfg = load_run_config(run_dir)
     cfg = cfg.replace(mesh=MeshConfig(data=1, fsdp=1, tensor=1, rule="none"))
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, primary=False)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise UserError(f"--run-dir: {run_dir} has no committed checkpoint yet")
         setup = make_setup(cfg, jax.devices()[:1])
-        state, _ = ckpt.restore(step, abstract_train_state(setup))
+        if step is None:
+            found = ckpt.restore_latest(abstract_train_state(setup))
+            if found is None:
+                raise UserError(f"--run-dir: {run_dir} has no committed checkpoint yet")
+            step, state, _ = found
+        else:
+            state, _ = ckpt.restore(step, abstract_train_state(setup))
     finally:
         ckpt.close()
     return cfg, state.params, step

@@ -1,12 +1,29 @@
-"""Checkpoints through Orbax: train state as sharded arrays, metadata as JSON, never pickle.
+"""Checkpoints that never restore garbage.
 
-Layout: RUN_DIR/checkpoints/<step>/{state, meta}. Orbax writes a step into a temporary directory
-and renames it when complete, so only committed steps are listed.
+Layout: RUN_DIR/checkpoints/<step>/{state, meta, manifest.json}. Orbax writes a step into a
+temporary directory and renames it when complete ("committed"); crosstrain then *seals* it by
+writing `manifest.json` (SHA-256 and size of every file) through a temporary file and a rename.
+Only sealed steps count:
+
+- a step Orbax committed but crosstrain never sealed (killed in between) is ignored;
+- at restore the manifest is checked against the files; a step that fails (truncated, changed or
+  missing file) is reported on one line, renamed `corrupt-<step>-<time>` so it is never tried
+  again, and the previous sealed step is used; if none is valid the run stops with exit 2;
+- old steps are deleted (keep the newest `keep`, plus every multiple of `keep_every`) by first
+  renaming them into `.trash/` and only then removing the files, so a kill mid-deletion cannot
+  leave a half-deleted step that looks valid.
+
+State is saved by Orbax as arrays (tensorstore/OCDBT) and metadata as JSON: no pickle anywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,54 +31,203 @@ import jax
 import orbax.checkpoint as ocp
 
 from crosstrain.config import CheckpointConfig
+from crosstrain.errors import UserError
 
 log = logging.getLogger("crosstrain")
 
+MANIFEST = "manifest.json"
+TRASH = ".trash"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+
+
+def write_manifest(step_dir: Path, step: int) -> None:
+    files = {str(p.relative_to(step_dir)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in _files(step_dir)}
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "files": files, "sealed_at": time.time()}, indent=1))
+    os.replace(tmp, step_dir / MANIFEST)
+
+
+def verify(step_dir: Path) -> Optional[str]:
+    """None if every file matches the manifest, else what is wrong (one line)."""
+    manifest = step_dir / MANIFEST
+    if not manifest.is_file():
+        return "not sealed (no manifest: interrupted before it was complete)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return "unreadable manifest"
+    for rel, want in files.items():
+        p = step_dir / rel
+        if not p.is_file():
+            return f"missing file {rel}"
+        if p.stat().st_size != want["bytes"]:
+            return f"{rel} has {p.stat().st_size} bytes, expected {want['bytes']}"
+        if _sha256(p) != want["sha256"]:
+            return f"{rel} does not match its SHA-256"
+    return None
+
 
 class Checkpointer:
-    def __init__(self, directory: Path, cfg: CheckpointConfig):
+    def __init__(self, directory: Path, cfg: CheckpointConfig, *, primary: bool = True):
         self.directory = Path(directory).absolute()
+        self.cfg = cfg
+        self.primary = primary  # process 0 seals, prunes and moves; every process reads
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
-            keep_period=cfg.keep_every or None,
+            max_to_keep=None,  # retention is ours (through the trash)
             enable_async_checkpointing=cfg.async_save,
             create=True,
+            cleanup_tmp_directories=primary,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: Optional[int] = None
+        self.stall_s = 0.0  # time the caller spent blocked in save/seal
+        if primary:
+            self._empty_trash()
 
-    def latest_step(self) -> Optional[int]:
-        return self._manager.latest_step()
+    # ---- listing ---------------------------------------------------------------------------
 
-    def all_steps(self) -> list[int]:
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def committed_steps(self) -> list[int]:
+        self._manager.reload()
         return sorted(self._manager.all_steps())
 
+    def sealed_steps(self) -> list[int]:
+        return [s for s in self.committed_steps() if (self.step_dir(s) / MANIFEST).is_file()]
+
+    def latest_valid_step(self, *, before: Optional[int] = None) -> Optional[int]:
+        """The newest sealed step whose files match their manifest (older than `before` if
+        given). Steps that fail are reported and set aside; unsealed ones are ignored."""
+        for step in reversed(self.committed_steps()):
+            if before is not None and step >= before:
+                continue
+            problem = verify(self.step_dir(step))
+            if problem is None:
+                return step
+            if "not sealed" in problem:
+                log.warning("checkpoint %d ignored: %s", step, problem)
+                continue
+            log.warning("checkpoint %d is corrupt (%s); falling back to the previous one", step, problem)
+            if self.primary:
+                self._set_aside(step, "corrupt")
+        return None
+
+    def _set_aside(self, step: int, why: str) -> None:
+        src = self.step_dir(step)
+        if src.exists():
+            os.replace(src, self.directory / f"{why}-{step}-{int(time.time() * 1000)}")
+        self._manager.reload()  # Orbax caches its step list
+
+    # ---- saving ----------------------------------------------------------------------------
+
     def save(self, step: int, state: Any, meta: dict, *, wait: bool = False) -> None:
+        t0 = time.perf_counter()
+        self._finish_pending()
+        if self.step_dir(step).exists() and self.primary:
+            self._trash(step)  # a stale step of the same number (after a rollback)
         self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             force=True,
         )
+        self._pending = step
         if wait:
-            self._manager.wait_until_finished()
+            self._finish_pending()
+        self.stall_s += time.perf_counter() - t0
+
+    def seal_pending(self, *, block: bool = False) -> Optional[int]:
+        """Seal the pending save once Orbax has committed it (without waiting unless `block`).
+        Returns the step sealed, if any."""
+        if self._pending is None or (not block and self._manager.is_saving_in_progress()):
+            return None
+        t0 = time.perf_counter()
+        step = self._finish_pending()
+        self.stall_s += time.perf_counter() - t0
+        return step
+
+    def _finish_pending(self) -> Optional[int]:
+        if self._pending is None:
+            return None
+        self._manager.wait_until_finished()
+        step, self._pending = self._pending, None
+        if self.primary:
+            write_manifest(self.step_dir(step), step)
+            self._prune()
+        return step
+
+    def _keep(self, steps: list[int]) -> set[int]:
+        keep = set(steps[-self.cfg.keep :])
+        if self.cfg.keep_every:
+            keep |= {s for s in steps if s % self.cfg.keep_every == 0}
+        return keep
+
+    def _prune(self) -> None:
+        steps = self.sealed_steps()
+        keep = self._keep(steps)
+        for step in steps:
+            if step not in keep:
+                self._trash(step)
+        self._empty_trash()
+
+    def _trash(self, step: int) -> None:
+        trash = self.directory / TRASH
+        trash.mkdir(exist_ok=True)
+        os.replace(self.step_dir(step), trash / f"{step}-{time.time_ns()}")
+        self._manager.reload()  # Orbax caches its step list
+
+    def _empty_trash(self) -> None:
+        trash = self.directory / TRASH
+        if trash.exists():
+            for entry in trash.iterdir():
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def discard_after(self, step: int) -> None:
+        """Trash every committed step after `step` (a rollback makes them a dead branch)."""
+        self._finish_pending()
+        if self.primary:
+            for s in self.committed_steps():
+                if s > step:
+                    self._trash(s)
+            self._empty_trash()
+
+    # ---- restoring -------------------------------------------------------------------------
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         restored = self._manager.restore(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
         )
         return restored["state"], dict(restored["meta"])
 
-    def restore_meta(self, step: int) -> dict:
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
+    def restore_latest(self, abstract_state: Any, *, before: Optional[int] = None) -> Optional[tuple[int, Any, dict]]:
+        """(step, state, meta) of the newest valid checkpoint, None if there never was one.
+        Exit 2 if checkpoints exist but none is valid."""
+        any_committed = bool(self.committed_steps())
+        step = self.latest_valid_step(before=before)
+        if step is None:
+            if any_committed and before is None:
+                raise UserError(f"--run-dir: no valid checkpoint in {self.directory} (all failed verification)")
+            return None
+        state, meta = self.restore(step, abstract_state)
+        return step, state, meta
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        self.seal_pending(block=True)
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.seal_pending(block=True)
         self._manager.close()
 
 

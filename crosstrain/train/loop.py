@@ -7,6 +7,7 @@ the device except where it must (logging reads one step behind; checkpoints copy
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
@@ -31,6 +32,7 @@ from crosstrain.parallel.mesh import apply_mesh_rule, build_mesh, check_model_fi
 from crosstrain.parallel.rules import activate, logical_to_spec, named_sharding
 from crosstrain.train import optimizer
 from crosstrain.train.checkpoint import Checkpointer, abstract_like
+from crosstrain.train.faults import GoodputLedger, Preemption, SpikeDetector, TrainingHalted
 from crosstrain.train.metrics import MetricsWriter, plot_losses, read_metrics, write_json
 from crosstrain.train.step import TrainState, init_state, make_train_step
 
@@ -59,14 +61,14 @@ def make_setup(cfg: Config, devices=None) -> Setup:
         lambda axes: named_sharding(mesh, axes), param_axes(cfg.model), is_leaf=lambda x: isinstance(x, tuple)
     )
     replicated = NamedSharding(mesh, PartitionSpec())
-    state_sh = TrainState(param_sh, optimizer.OptState(replicated, param_sh, param_sh))
+    state_sh = TrainState(param_sh, optimizer.OptState(replicated, param_sh, param_sh), replicated, replicated)
     batch_sh = NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh=mesh))
     return Setup(cfg, mesh, state_sh, batch_sh, replicated)
 
 
 def init_train_state(setup: Setup) -> TrainState:
     cfg = setup.cfg
-    fn = jax.jit(lambda key: init_state(init_params(cfg.model, key)), out_shardings=setup.state_shardings)
+    fn = jax.jit(lambda key: init_state(init_params(cfg.model, key), cfg.train.seed), out_shardings=setup.state_shardings)
     return fn(jax.random.key(cfg.train.seed))
 
 
@@ -89,16 +91,16 @@ def state_from_run(setup: Setup, source: Path) -> TrainState:
         a.shape != b.shape for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs))
     ):
         raise UserError(f"init.from_run: the model in {source} has a different shape from this run's model")
-    ckpt = Checkpointer(source / "checkpoints", src_cfg.checkpoint)
+    ckpt = Checkpointer(source / "checkpoints", src_cfg.checkpoint, primary=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise UserError(f"init.from_run: {source} has no committed checkpoint")
-        src_state, _ = ckpt.restore(step, abstract_train_state(setup))
+        found = ckpt.restore_latest(abstract_train_state(setup))
     finally:
         ckpt.close()
+    if found is None:
+        raise UserError(f"init.from_run: {source} has no valid checkpoint")
+    step, src_state, _ = found
     log.info("initialised parameters from %s (step %d), fresh optimizer state", source, step)
-    fn = jax.jit(init_state, out_shardings=setup.state_shardings)
+    fn = jax.jit(lambda p: init_state(p, setup.cfg.train.seed), out_shardings=setup.state_shardings)
     return fn(src_state.params)
 
 
@@ -185,129 +187,254 @@ def _progress_bar(total: int, start: int):
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=True)
 
 
-def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    """Train (or resume) the run in `run_dir`. Returns the summary written to summary.json."""
-    t_start = time.perf_counter()
+def train(cfg: Config, run_dir: Path, *, started: Optional[float] = None) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`. Returns the summary written to summary.json.
+
+    `started` is the perf_counter() reading when the process began, for the goodput ledger."""
+    started = time.perf_counter() if started is None else started
     run_dir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
     devices = jax.devices()
     cfg, rule = apply_mesh_rule(cfg, devices)
     _check_resume_config(cfg, run_dir)
     resolve_sources(cfg)  # paths and formats, before anything is logged or compiled
     setup = make_setup(cfg, devices)  # validates mesh vs devices and model before any compile
     with activate(setup.mesh):
-        return _train(cfg, run_dir, setup, rule, t_start)
+        return Trainer(cfg, run_dir, setup, rule, started).run()
 
 
-def _train(cfg: Config, run_dir: Path, setup: Setup, rule, t_start: float) -> dict[str, Any]:
-    is_main = jax.process_index() == 0
-    devices = jax.devices()
-    if is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    m, t = cfg.model, cfg.train
-    n_params = count_params(m)
-    log.info(
-        "model: %d layers, hidden %d, %d heads (%d KV) x %d, ffn %d, vocab %d, seq %d: %.2fM parameters",
-        m.layers, m.hidden, m.heads, m.kv_heads, m.head_dim, m.ffn, m.vocab, m.seq_len, n_params / 1e6,
-    )
-    shape = setup.mesh.shape
-    log.info(
-        "devices: %d x %s (%s) in %d process(es); mesh data=%d fsdp=%d tensor=%d",
-        len(devices), devices[0].device_kind, devices[0].platform, jax.process_count(),
-        shape["data"], shape["fsdp"], shape["tensor"],
-    )
-    if rule is not None:
-        log.info("mesh rule %s: %s", rule.name, rule.why)
+def lost_seconds(records: list[dict[str, Any]], after_step: int) -> float:
+    """Wall time that logged records past `after_step` stood for (each record's step_time_s
+    covers the steps since the record before it)."""
+    total, previous = 0.0, after_step
+    for r in sorted(records, key=lambda r: r["step"]):
+        if r["step"] > after_step and r.get("step_time_s") is not None:
+            total += r["step_time_s"] * (r["step"] - max(previous, after_step))
+            previous = r["step"]
+        elif r["step"] <= after_step:
+            previous = r["step"]
+    return total
 
-    pipeline = build_pipeline(cfg, run_dir=run_dir, write_files=is_main)
-    rows = process_rows(setup)
-    log.info(
-        "data: %d training tokens in %d source(s), %d sequences of %d tokens",
-        sum(st.train_end for st in pipeline.stores), len(pipeline.stores),
-        sum(len(q) for q in pipeline.train_sequences), m.seq_len,
-    )
 
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    latest = ckpt.latest_step()
-    if latest is not None and latest > t.steps:
-        raise UserError(f"train.steps: the run in {run_dir} is already at step {latest}, past train.steps={t.steps}")
-    t0 = time.perf_counter()
-    data_state = None
-    if latest is not None:
-        state, meta = ckpt.restore(latest, abstract_train_state(setup))
-        start = int(meta["step"])
-        data_state = meta.get("data", {}).get("iterator")
-        log.info("resumed from checkpoint at step %d", start)
-    elif cfg.init.from_run:
-        state = state_from_run(setup, Path(cfg.init.from_run))
-        start = 0
-    else:
-        state = init_train_state(setup)
-        start = 0
-    init_s = time.perf_counter() - t0
-    if start == t.steps:
-        ckpt.close()
-        log.info("the run in %s is already complete at step %d", run_dir, start)
-        previous = run_dir / "summary.json"
-        if previous.is_file():
-            import json
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, setup: Setup, rule, started: float):
+        self.cfg, self.run_dir, self.setup, self.rule, self.started = cfg, run_dir, setup, rule, started
+        self.m, self.t = cfg.model, cfg.train
+        self.is_main = jax.process_index() == 0
+        self.devices = jax.devices()
+        self.ledger = GoodputLedger(run_dir / "goodput.json", write=self.is_main)
+        self.preemption = Preemption()
+        self.detector = SpikeDetector(cfg.faults.spike_sigma, cfg.faults.spike_window)
+        self.nonfinite = 0
+        self.rollbacks: list[dict[str, Any]] = []
+        self.step_seconds: dict[int, float] = {}
+        self.last_record: dict[str, Any] = {}
+        self.step_times: list[float] = []
+        self.tokens_per_step = self.t.batch * self.m.seq_len
+        self.loop_start: Optional[float] = None
+        self.eval_s = self.loop_restore_s = self.loop_recomputed_s = 0.0
+        self.resume_restore_s = self.resume_lost_s = 0.0
+        self.ckpt_time = time.perf_counter()
 
-            return json.loads(previous.read_text())
-        return {"steps": start, "params_sha256": params_sha256(host_tree(state.params))}
+    # ---- set-up ----------------------------------------------------------------------------
 
-    state_bytes = per_device_state_bytes(state)
-    log.info(
-        "parameters + optimizer state: %.2f MiB per device (%.2f MiB unsharded, fsdp=%d, tensor=%d)",
-        state_bytes / 2**20, total_state_bytes(state) / 2**20, shape["fsdp"], shape["tensor"],
-    )
+    def _log_header(self) -> None:
+        m, cfg = self.m, self.cfg
+        log.info(
+            "model: %d layers, hidden %d, %d heads (%d KV) x %d, ffn %d, vocab %d, seq %d: %.2fM parameters",
+            m.layers, m.hidden, m.heads, m.kv_heads, m.head_dim, m.ffn, m.vocab, m.seq_len, count_params(m) / 1e6,
+        )
+        shape = self.setup.mesh.shape
+        log.info(
+            "devices: %d x %s (%s) in %d process(es); mesh data=%d fsdp=%d tensor=%d",
+            len(self.devices), self.devices[0].device_kind, self.devices[0].platform, jax.process_count(),
+            shape["data"], shape["fsdp"], shape["tensor"],
+        )
+        if self.rule is not None:
+            log.info("mesh rule %s: %s", self.rule.name, self.rule.why)
+        if cfg.faults.spike_sigma:
+            log.info("loss-spike rollback on: %.1f sigma over %d steps", cfg.faults.spike_sigma, cfg.faults.spike_window)
 
-    step_fn = jax.jit(
-        make_train_step(cfg),
-        in_shardings=(setup.state_shardings, setup.batch_sharding),
-        out_shardings=(setup.state_shardings, setup.replicated),
-        donate_argnums=(0,),
-    )
-    eval_fn = jax.jit(
-        lambda params, batch: loss_fn(params, batch, cfg.model),
-        in_shardings=(setup.state_shardings.params, setup.batch_sharding),
-        out_shardings=setup.replicated,
-    )
-    batch_struct = jax.ShapeDtypeStruct((t.batch, m.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch_struct).compile()
-    compile_s = time.perf_counter() - t0
-    log.info("compiled the train step in %.1f s", compile_s)
+    def _restore(self) -> tuple[TrainState, int, Optional[dict], Optional[int]]:
+        """(state, start step, data iterator state, restored checkpoint step)."""
+        t0 = time.perf_counter()
+        found = self.ckpt.restore_latest(abstract_train_state(self.setup))
+        if found is not None:
+            step, state, meta = found
+            self.detector = SpikeDetector(self.cfg.faults.spike_sigma, self.cfg.faults.spike_window, meta.get("spike_window"))
+            self.nonfinite = int(meta.get("nonfinite_skipped", 0))
+            self.rollbacks = list(meta.get("rollbacks", []))
+            self.resume_restore_s = time.perf_counter() - t0
+            log.info("resumed from checkpoint %d (%.1f s)", step, time.perf_counter() - t0)
+            return state, int(meta["step"]), meta.get("data", {}).get("iterator"), step
+        if self.cfg.init.from_run:
+            return state_from_run(self.setup, Path(self.cfg.init.from_run)), 0, None, None
+        return init_train_state(self.setup), 0, None, None
 
-    peak, peak_note = total_peak_flops(devices, m.compute_dtype)
-    log.info(peak_note)
-    tokens_per_step = t.batch * m.seq_len
-    flops_per_step = flops_per_token(m) * tokens_per_step
+    def _meta(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "data": {"iterator": self.batches.get_state()},
+            "config": self.cfg.fingerprint(),
+            "spike_window": self.detector.state(),
+            "nonfinite_skipped": self.nonfinite,
+            "rollbacks": self.rollbacks,
+            "rng": {"seed": self.t.seed, "note": "TrainState.rng holds the live key"},
+        }
 
-    def evaluate(params) -> Optional[float]:
-        losses = [float(eval_fn(params, global_batch_array(setup, b))) for b in pipeline.eval_batches(t.eval_batches, rows)]
-        return float(np.mean(losses)) if losses else None
+    # ---- the run -----------------------------------------------------------------------------
 
-    writer = MetricsWriter(run_dir / "metrics.jsonl", resume_step=start if latest is not None else None) if is_main else None
-    bar = _progress_bar(t.steps, start) if is_main else None
-    batches = pipeline.batches(rows, state=data_state)
-    if batches.get_state().get("next_index", start) != start:
-        raise RuntimeError(f"the data iterator state {batches.get_state()} does not match step {start}")
-    step_times: list[float] = []
-    last_record: dict[str, Any] = {}
-    pending: Optional[tuple[int, Any]] = None
-    window_start = time.perf_counter()
-    window_steps = 0
-    window_wait = 0.0
-    last_ckpt_time = time.perf_counter()
-    ckpt_stall = 0.0
+    def run(self) -> dict[str, Any]:
+        cfg, m, t = self.cfg, self.m, self.t
+        setup = self.setup
+        if self.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._log_header()
+        self.pipeline = build_pipeline(cfg, run_dir=self.run_dir, write_files=self.is_main)
+        self.rows = process_rows(setup)
+        log.info(
+            "data: %d training tokens in %d source(s), %d sequences of %d tokens",
+            sum(st.train_end for st in self.pipeline.stores), len(self.pipeline.stores),
+            sum(len(q) for q in self.pipeline.train_sequences), m.seq_len,
+        )
+        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint, primary=self.is_main)
+        state, start, data_state, restored = self._restore()
+        if start > t.steps:
+            raise UserError(f"train.steps: the run in {self.run_dir} is already at step {start}, past train.steps={t.steps}")
+        records = read_metrics(self.run_dir / "metrics.jsonl") if self.is_main else []
+        if restored is not None:
+            self.resume_lost_s = self.ledger.lost(lost_seconds(records, start))
+        self.state_bytes = per_device_state_bytes(state)
+        self.peak, self.peak_note = total_peak_flops(self.devices, m.compute_dtype)
+        self.flops_per_step = flops_per_token(m) * self.tokens_per_step
+        if start == t.steps:
+            self.ckpt.close()
+            log.info("the run in %s is already complete at step %d", self.run_dir, start)
+            previous = self.run_dir / "summary.json"
+            if previous.is_file():
+                return json.loads(previous.read_text())
+            # Killed between the last checkpoint and the summary: rebuild it from the records.
+            self.state, self.step = state, start
+            self.last_record = records[-1] if records else {}
+            self.step_times = [r["step_time_s"] for r in records if r.get("step_time_s")]
+            return self._finish()
 
-    def resolve(step: int, metrics: Any, extra: dict[str, Any] | None = None, done_at: float | None = None) -> None:
-        """Read a logged step's metrics back (blocking on it) and write its record."""
-        nonlocal window_start, window_steps, window_wait, last_record
+        log.info(
+            "parameters + optimizer state: %.2f MiB per device (%.2f MiB unsharded, fsdp=%d, tensor=%d)",
+            self.state_bytes / 2**20, total_state_bytes(state) / 2**20, setup.mesh.shape["fsdp"], setup.mesh.shape["tensor"],
+        )
+        step_fn = jax.jit(
+            make_train_step(cfg),
+            in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated),
+            out_shardings=(setup.state_shardings, setup.replicated),
+            donate_argnums=(0,),
+        )
+        self.eval_fn = jax.jit(
+            lambda params, batch: loss_fn(params, batch, m),
+            in_shardings=(setup.state_shardings.params, setup.batch_sharding),
+            out_shardings=setup.replicated,
+        )
+        batch_struct = jax.ShapeDtypeStruct((t.batch, m.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
+        t0 = time.perf_counter()
+        self.compiled = step_fn.lower(state, batch_struct, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+        self.ledger.current.compile_s += time.perf_counter() - t0
+        log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
+        log.info(self.peak_note)
+
+        self.writer = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=start if restored is not None else None) if self.is_main else None
+        self.batches = self.pipeline.batches(self.rows, state=data_state)
+        if data_state is None and start:
+            raise RuntimeError("a resumed run must have a data iterator state")
+        self.bar = _progress_bar(t.steps, start) if self.is_main else None
+        self.state, self.step = state, start
+        self.ledger.current.startup_s = time.perf_counter() - self.started
+        self.preemption.install()
+        preempted = False
+        try:
+            preempted = self._loop()
+        finally:
+            self.preemption.uninstall()
+            if self.bar is not None:
+                self.bar.close()
+            if self.writer is not None:
+                self.writer.close()
+            self.ckpt.close()
+            self._account()
+        if preempted:
+            return {"preempted": True, "step": self.step}
+        return self._finish()
+
+    def _loop(self) -> bool:
+        """Train to train.steps. Returns True if stopped by a preemption (state saved)."""
+        t = self.t
+        self.window_start = self.loop_start = self.last_done = self.ckpt_time = time.perf_counter()
+        self.window_steps, self.window_wait = 0, 0.0
+        pending = None
+        while self.step < t.steps:
+            if self.preemption.requested():
+                if pending is not None:
+                    self._resolve(*pending)
+                self.ckpt.save(self.step, self.state, self._meta(self.step), wait=True)
+                log.info("preempted (SIGTERM): saved step %d; run again to resume", self.step)
+                return True
+            w0 = time.perf_counter()
+            batch_index = int(self.batches.get_state()["next_index"])
+            host_batch = next(self.batches)
+            batch = global_batch_array(self.setup, host_batch)
+            self.window_wait += time.perf_counter() - w0
+            self.state, metrics = self.compiled(self.state, batch, jnp.int32(batch_index))
+            self.step += 1
+            self.window_steps += 1
+            step = self.step
+            if pending is not None and self._resolve(*pending):
+                pending = None
+                continue  # rolled back: self.step and the data iterator were reset
+            pending = (step, metrics)
+            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                # Evaluation blocks: finish this step's record first so its time excludes eval.
+                if self._resolve(*pending):
+                    pending = None
+                    continue
+                pending = None
+                self._evaluate(step)
+            due = (t.checkpoint_every and step % t.checkpoint_every == 0) or (
+                self.cfg.checkpoint.every_minutes
+                and time.perf_counter() - self.ckpt_time > 60 * self.cfg.checkpoint.every_minutes
+            )
+            if due or step == t.steps:
+                self.ckpt.save(step, self.state, self._meta(step), wait=step == t.steps)
+                self.ckpt_time = time.perf_counter()
+            self.ckpt.seal_pending()
+            if self.bar is not None:
+                self.bar.update(1)
+        if pending is not None:
+            self._resolve(*pending)
+        return False
+
+    def _resolve(self, step: int, metrics: Any) -> bool:
+        """Read a step's metrics (one step behind the device), watch for faults, log. Returns
+        True if it triggered a rollback."""
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter() if done_at is None else done_at
-        step_time = (now - window_start) / max(window_steps, 1)
-        tps = tokens_per_step / step_time
+        now = time.perf_counter()
+        self.step_seconds[step] = now - self.last_done
+        self.last_done = now
+        if values["skipped"]:
+            self.nonfinite += 1
+            log.warning("step %d: non-finite loss or gradient (loss %s); update skipped", step, values["loss"])
+            if self.cfg.faults.nonfinite == "halt":
+                self._record(step, values, now)
+                raise TrainingHalted(f"faults.nonfinite=halt: non-finite loss or gradient at step {step}")
+        limit = self.detector.observe(values["loss"]) if self.detector.enabled else None
+        if limit is not None:
+            self._rollback(step, values["loss"], limit)
+            return True
+        t = self.t
+        if step % t.log_every == 0 or step == 1 or step == t.steps or (t.eval_every and step % t.eval_every == 0):
+            self._record(step, values, now)
+        return False
+
+    def _record(self, step: int, values: dict[str, float], now: float, extra: Optional[dict] = None) -> None:
+        step_time = (now - self.window_start) / max(self.window_steps, 1)
+        tps = self.tokens_per_step / step_time
         record = {
             "step": step,
             "loss": values["loss"],
@@ -315,103 +442,142 @@ def _train(cfg: Config, run_dir: Path, setup: Setup, rule, t_start: float) -> di
             "grad_norm": values["grad_norm"],
             "step_time_s": step_time,
             "tokens_per_s": tps,
-            "mfu": (flops_per_step / step_time / peak) if peak else None,
-            "data_wait_s": window_wait / max(window_steps, 1),
-            "tokens_seen": step * tokens_per_step,
+            "mfu": (self.flops_per_step / step_time / self.peak) if self.peak else None,
+            "data_wait_s": self.window_wait / max(self.window_steps, 1),
+            "tokens_seen": step * self.tokens_per_step,
+            "skipped": int(values["skipped"]),
+            "nonfinite_skipped": self.nonfinite,
             **(extra or {}),
         }
-        step_times.append(step_time)
-        last_record = record
-        window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-        if writer is not None:
-            writer.write(record)
-        msg = f"step {step}/{t.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} {tps:,.0f} tok/s"
+        self.step_times.append(step_time)
+        self.last_record = record
+        self.window_start, self.window_steps, self.window_wait = time.perf_counter(), 0, 0.0
+        if self.writer is not None:
+            self.writer.write(record)
+        msg = f"step {step}/{self.t.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} {tps:,.0f} tok/s"
         if record["mfu"] is not None:
             msg += f" mfu {100 * record['mfu']:.1f}%"
-        if "eval_loss" in record and record["eval_loss"] is not None:
+        if record.get("eval_loss") is not None:
             msg += f" eval {record['eval_loss']:.4f}"
-        if bar is not None:
-            bar.set_postfix_str(f"loss {record['loss']:.3f}")
-            log.debug(msg)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {record['loss']:.3f}")
         else:
             log.info(msg)
+        self._account()
 
-    try:
-        for i in range(start, t.steps):
-            step = i + 1
-            w0 = time.perf_counter()
-            host_batch = next(batches)
-            batch = global_batch_array(setup, host_batch)
-            window_wait += time.perf_counter() - w0
-            state, metrics = compiled(state, batch)
-            window_steps += 1
-            if pending is not None:
-                resolve(*pending)
-                pending = None
-            is_last = step == t.steps
-            if (t.eval_every and step % t.eval_every == 0) or is_last:
-                # Evaluation blocks: note when the step finished so its time excludes the eval.
-                jax.block_until_ready(metrics)
-                done_at = time.perf_counter()
-                eval_loss = evaluate(state.params)
-                perplexity = math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None
-                resolve(step, metrics, {"eval_loss": eval_loss, "eval_perplexity": perplexity}, done_at)
-            elif step % t.log_every == 0 or i == start:
-                pending = (step, metrics)
-            due = (t.checkpoint_every and step % t.checkpoint_every == 0) or (
-                cfg.checkpoint.every_minutes and time.perf_counter() - last_ckpt_time > 60 * cfg.checkpoint.every_minutes
-            )
-            if due or is_last:
-                c0 = time.perf_counter()
-                meta = {"step": step, "data": {"iterator": batches.get_state()}, "config": cfg.fingerprint()}
-                ckpt.save(step, state, meta, wait=is_last)
-                ckpt_stall += time.perf_counter() - c0
-                last_ckpt_time = time.perf_counter()
-            if bar is not None:
-                bar.update(1)
-        if pending is not None:
-            resolve(*pending)
-            pending = None
-    finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-        ckpt.close()
+    def _evaluate(self, step: int) -> None:
+        t0 = time.perf_counter()
+        losses = [
+            float(self.eval_fn(self.state.params, global_batch_array(self.setup, b)))
+            for b in self.pipeline.eval_batches(self.t.eval_batches, self.rows)
+        ]
+        eval_loss = float(np.mean(losses)) if losses else None
+        self.eval_s += time.perf_counter() - t0
+        if self.last_record.get("step") == step:
+            self.last_record["eval_loss"] = eval_loss
+            self.last_record["eval_perplexity"] = math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None
+            if self.writer is not None:
+                self.writer.amend_last(self.last_record)
+            if eval_loss is not None:
+                log.info("step %d held-out loss %.4f", step, eval_loss)
+        self.window_start = time.perf_counter()
 
-    params_host = host_tree(state.params)
-    digest = params_sha256(params_host)
-    wall = time.perf_counter() - t_start
-    steady = step_times[1:] or step_times
-    median_step = statistics.median(steady) if steady else None
-    summary = {
-        "final_loss": last_record.get("loss"),
-        "eval_loss": last_record.get("eval_loss"),
-        "steps": t.steps,
-        "tokens_seen": t.steps * tokens_per_step,
-        "params_sha256": digest,
-        "parameters": n_params,
-        "step_time_s": median_step,
-        "tokens_per_s": tokens_per_step / median_step if median_step else None,
-        "mfu": (flops_per_step / median_step / peak) if (peak and median_step) else None,
-        "mfu_note": peak_note,
-        "attention_flops": CROSSTRAIN_CONVENTION,
-        "compile_s": compile_s,
-        "init_s": init_s,
-        "checkpoint_stall_s": ckpt_stall,
-        "wall_s": wall,
-        "devices": len(devices),
-        "device_kind": devices[0].device_kind,
-        "per_device_state_bytes": state_bytes,
-        "resumed_from": latest,
-    }
-    if is_main:
-        write_json(run_dir / "summary.json", summary)
-        plot_losses(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title=f"{cfg.description or 'crosstrain'}")
-        log.info(
-            "done: %d steps, final loss %.4f, held-out loss %s; wrote %s",
-            t.steps, summary["final_loss"] if summary["final_loss"] is not None else float("nan"),
-            f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a",
-            run_dir / "summary.json",
+    def _rollback(self, step: int, loss: float, limit: float) -> None:
+        """PaLM-style: back to the last checkpoint before the spike, skipping the batches since."""
+        t0 = time.perf_counter()
+        spike_batch = int(self.batches.get_state()["next_index"]) - 1 - (self.step - step)
+        self.ckpt.seal_pending(block=True)  # an async save still in flight may be the target
+        target = self.ckpt.latest_valid_step(before=step)
+        if target is None:
+            log.warning("step %d: loss %.4f above %.4f but no checkpoint to roll back to; continuing", step, loss, limit)
+            return
+        self.ckpt.discard_after(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("crosstrain-rollback")
+        state, meta = self.ckpt.restore(target, abstract_train_state(self.setup))
+        resume_batch = spike_batch + 1 + self.cfg.faults.spike_skip
+        from_batch = int(meta["data"]["iterator"]["next_index"])
+        event = {"spike_step": step, "loss": loss, "threshold": limit, "restored_step": target,
+                 "skipped_batches": [from_batch, resume_batch]}
+        log.warning(
+            "step %d: loss spike %.4f > %.4f; rolled back to step %d, skipping batches %d..%d",
+            step, loss, limit, target, from_batch + 1, resume_batch,
         )
-    return summary
+        self.rollbacks = list(meta.get("rollbacks", [])) + [event]
+        self.detector = SpikeDetector(self.cfg.faults.spike_sigma, self.cfg.faults.spike_window, meta.get("spike_window"))
+        self.nonfinite = int(meta.get("nonfinite_skipped", 0))
+        redo = sum(sec for s, sec in self.step_seconds.items() if target < s)
+        self.step_seconds = {s: sec for s, sec in self.step_seconds.items() if s <= target}
+        if self.writer is not None:
+            self.writer.truncate(target)
+        self.state, self.step = state, target
+        self.batches = self.pipeline.batches(self.rows, state={"next_index": resume_batch})
+        self.loop_recomputed_s += redo
+        self.loop_restore_s += time.perf_counter() - t0
+        self.window_start = self.last_done = time.perf_counter()
+        self.window_steps, self.window_wait = 0, 0.0
+        if self.bar is not None:
+            self.bar.n = target
+            self.bar.refresh()
+
+    # ---- accounting and the end ----------------------------------------------------------------
+
+    def _account(self) -> None:
+        """Refresh this attempt's goodput buckets from the counters and write the ledger."""
+        now = time.perf_counter()
+        cur = self.ledger.current
+        cur.wall_s = now - self.started
+        cur.checkpoint_stall_s = self.ckpt.stall_s
+        cur.restore_s = self.resume_restore_s + self.loop_restore_s
+        cur.recomputed_s = self.resume_lost_s + self.loop_recomputed_s
+        cur.eval_s = self.eval_s
+        if self.loop_start is not None:
+            in_loop = now - self.loop_start
+            cur.productive_s = max(0.0, in_loop - self.eval_s - self.ckpt.stall_s - self.loop_restore_s - self.loop_recomputed_s)
+        self.ledger.save()
+
+    def _finish(self) -> dict[str, Any]:
+        t = self.t
+        params_host = host_tree(self.state.params)
+        digest = params_sha256(params_host)
+        steady = self.step_times[1:] or self.step_times
+        median_step = statistics.median(steady) if steady else None
+        self._account()
+        total, current = self.ledger.total().report(), self.ledger.current.report()
+        summary = {
+            "final_loss": self.last_record.get("loss"),
+            "eval_loss": self.last_record.get("eval_loss"),
+            "steps": t.steps,
+            "tokens_seen": t.steps * self.tokens_per_step,
+            "params_sha256": digest,
+            "parameters": count_params(self.m),
+            "step_time_s": median_step,
+            "tokens_per_s": self.tokens_per_step / median_step if median_step else None,
+            "mfu": (self.flops_per_step / median_step / self.peak) if (self.peak and median_step) else None,
+            "mfu_note": self.peak_note,
+            "attention_flops": CROSSTRAIN_CONVENTION,
+            "compile_s": current["compile_s"],
+            "nonfinite_skipped": self.nonfinite,
+            "rollbacks": self.rollbacks,
+            "goodput": total["goodput"],
+            "badput_s": {k: total[k] for k in ("startup_s", "restore_s", "checkpoint_stall_s", "recomputed_s", "eval_s", "other_s")},
+            "wall_s": total["wall_s"],
+            "attempts": self.ledger.attempts,
+            "this_attempt": current,
+            "devices": len(self.devices),
+            "device_kind": self.devices[0].device_kind,
+            "per_device_state_bytes": self.state_bytes,
+        }
+        if self.is_main:
+            write_json(self.run_dir / "summary.json", summary)
+            plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png",
+                        title=self.cfg.description or "crosstrain")
+            log.info(
+                "done: %d steps, final loss %s, held-out loss %s; goodput %.1f%% over %d attempt(s); wrote %s",
+                t.steps, f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a",
+                f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a",
+                100 * (summary["goodput"] or 0), self.ledger.attempts, self.run_dir / "summary.json",
+            )
+        return summary

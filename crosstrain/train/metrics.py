@@ -16,23 +16,43 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step; on resume, drops records past the restored step
-    so that the file never holds a step twice."""
+    """Appends one JSON object per logged step; on resume or rollback, drops records past the
+    restored step so that the file never holds a step twice."""
 
     def __init__(self, path: Path, *, resume_step: int | None):
         self.path = path
         if resume_step is None:
             path.write_text("")
-        elif path.exists():
-            kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            tmp.replace(path)
+        else:
+            self._rewrite(resume_step)
         self._file = open(path, "a")
+        self._last_offset: int | None = None
+
+    def _rewrite(self, keep_through: int) -> None:
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_through]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
+        self._last_offset = self._file.tell()
         self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         self._file.flush()
+
+    def amend_last(self, record: dict[str, Any]) -> None:
+        """Replace the record written last (evaluation adds to a step's record)."""
+        if self._last_offset is None:
+            self.write(record)
+            return
+        self._file.truncate(self._last_offset)
+        self._file.seek(self._last_offset)
+        self.write(record)
+
+    def truncate(self, keep_through: int) -> None:
+        self._file.close()
+        self._rewrite(keep_through)
+        self._file = open(self.path, "a")
+        self._last_offset = None
 
     def close(self) -> None:
         self._file.close()

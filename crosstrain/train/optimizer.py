@@ -77,10 +77,13 @@ def apply(
     cfg: OptimConfig,
     total_steps: int,
     decay_mask: Any,
+    schedule_step: jax.Array | None = None,
 ) -> tuple[Any, OptState, UpdateStats]:
     """One optimizer step. Returns new params, new state and the step's statistics.
 
     `decay_mask` is a tree of bools (same structure as params): True where weight decay applies.
+    `schedule_step` (1-based) drives the learning-rate schedule; it defaults to the number of
+    updates applied, which differs from the training step once an update has been skipped.
     """
     count = state.count + 1
     t = count.astype(jnp.float32)
@@ -109,7 +112,7 @@ def apply(
         mu = jax.tree.map(lambda m, r: cfg.b1 * m + (1.0 - cfg.b1) * r, state.mu, raw)
         updates = mu
 
-    s = schedule_scale(count, cfg, total_steps)
+    s = schedule_scale(count if schedule_step is None else schedule_step, cfg, total_steps)
 
     def step(p, u, decay):
         p32 = p.astype(jnp.float32)

@@ -1,4 +1,5 @@
-"""The jitted training step: loss, gradients (accumulated over microbatches), optimizer update."""
+"""The jitted training step: loss, gradients (accumulated over microbatches), optimizer update,
+and the in-graph guard against non-finite numbers."""
 
 from __future__ import annotations
 
@@ -15,10 +16,8 @@ from crosstrain.train import optimizer
 class TrainState(NamedTuple):
     params: Any
     opt: optimizer.OptState
-
-    @property
-    def step(self) -> jax.Array:
-        return self.opt.count
+    step: jax.Array  # int32: training steps taken, skipped ones included (drives the LR schedule)
+    rng: jax.Array  # uint32[2]: raw PRNG key, advanced every step, for stochastic layers
 
 
 def decay_mask(cfg: Config) -> Any:
@@ -26,38 +25,67 @@ def decay_mask(cfg: Config) -> Any:
     return jax.tree.map(lambda axes: "norm" not in axes, param_axes(cfg.model), is_leaf=lambda x: isinstance(x, tuple))
 
 
-def init_state(params: Any) -> TrainState:
-    return TrainState(params, optimizer.init(params))
+def init_state(params: Any, seed: int = 0) -> TrainState:
+    rng = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
+    return TrainState(params, optimizer.init(params), jnp.zeros([], jnp.int32), rng)
 
 
-def make_train_step(cfg: Config) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """A pure function (state, batch[B, seq_len + 1]) -> (state, metrics); jit it with shardings."""
+def make_train_step(cfg: Config) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """A pure function (state, batch[B, seq_len + 1], batch_index) -> (state, metrics).
+
+    `batch_index` (0-based position of the batch in the data stream) only matters for fault
+    injection. An update whose loss or gradient norm is not finite is not applied: params and
+    optimizer state come back unchanged and `metrics["skipped"]` is 1.
+    """
     mask = decay_mask(cfg)
     n_micro = cfg.train.microbatches
     model_cfg = cfg.model
+    faults = cfg.faults
 
-    def grads_of(params, tokens):
-        return jax.value_and_grad(loss_fn)(params, tokens, model_cfg)
+    def poison(batch_index):
+        """1, or NaN / 100 on the batch chosen for fault injection (1-based config)."""
+        factor = jnp.float32(1.0)
+        if faults.inject_nan_batch:
+            factor = jnp.where(batch_index + 1 == faults.inject_nan_batch, jnp.nan, factor)
+        if faults.inject_spike_batch:
+            factor = jnp.where(batch_index + 1 == faults.inject_spike_batch, 100.0, factor)
+        return factor
 
-    def train_step(state: TrainState, batch: jax.Array):
+    def grads_of(params, tokens, factor):
+        return jax.value_and_grad(lambda p: loss_fn(p, tokens, model_cfg) * factor)(params)
+
+    def train_step(state: TrainState, batch: jax.Array, batch_index: jax.Array | int = 0):
+        factor = poison(jnp.asarray(batch_index, jnp.int32))
         if n_micro == 1:
-            loss, grads = grads_of(state.params, batch)
+            loss, grads = grads_of(state.params, batch, factor)
         else:
             micro = batch.reshape(n_micro, batch.shape[0] // n_micro, *batch.shape[1:])
 
             def accumulate(carry, tokens):
                 loss_sum, grad_sum = carry
-                loss, grads = grads_of(state.params, tokens)
+                loss, grads = grads_of(state.params, tokens, factor)
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
             zero = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros([], jnp.float32), zero), micro)
             loss = loss_sum / n_micro
             grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
+        step = state.step + 1
         params, opt, stats = optimizer.apply(
-            grads, state.opt, state.params, cfg=cfg.optim, total_steps=cfg.train.steps, decay_mask=mask
+            grads, state.opt, state.params, cfg=cfg.optim, total_steps=cfg.train.steps, decay_mask=mask,
+            schedule_step=step,
         )
-        metrics = {"loss": loss, "grad_norm": stats.grad_norm, "lr": stats.lr}
-        return TrainState(params, opt), metrics
+        ok = jnp.isfinite(loss) & jnp.isfinite(stats.grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        params = keep(params, state.params)
+        opt = keep(opt, state.opt)
+        rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)).astype(jnp.uint32)
+        metrics = {
+            "loss": loss,
+            "grad_norm": stats.grad_norm,
+            "lr": stats.lr,
+            "skipped": (~ok).astype(jnp.int32),
+        }
+        return TrainState(params, opt, step, rng), metrics
 
     return train_step
