@@ -131,6 +131,59 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _run_dir(path: str) -> Path:
+    run_dir = Path(path)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--run-dir: {run_dir} is not a crosstrain run directory (no config.yaml)")
+    return run_dir
+
+
+def cmd_export(args) -> int:
+    from crosstrain import log as logsetup
+    from crosstrain.hf import export_run
+
+    logsetup.setup()
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UserError(f"--out: {out} is not empty (use --force to overwrite)")
+    result = export_run(_run_dir(args.run_dir), out, dtype=args.dtype)
+    print(json.dumps(result) if args.json else f"exported step {result['step']} as {result['architecture']} ({result['dtype']}) to {out}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from crosstrain import log as logsetup
+    from crosstrain.config import config_from_dict, load_config
+    from crosstrain.hf import import_hf
+
+    logsetup.setup()
+    cfg = load_config(args.preset, args.overrides) if args.preset else config_from_dict({}, args.overrides)
+    hf_dir = Path(args.hf)
+    if not hf_dir.is_dir():
+        raise UserError(f"--hf: {hf_dir} is not a directory")
+    result = import_hf(hf_dir, Path(args.run_dir), cfg)
+    print(json.dumps(result) if args.json else
+          f"imported {result['parameters'] / 1e6:.2f}M parameters into {args.run_dir}; continue with: "
+          f"crosstrain train --preset {Path(args.run_dir) / 'config.yaml'} --run-dir {args.run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from crosstrain import log as logsetup
+    from crosstrain.evaluate import evaluate_run
+
+    logsetup.setup()
+    if args.text_file and args.data:
+        raise UserError("eval: give --text-file or --data, not both")
+    result = evaluate_run(_run_dir(args.run_dir), text_file=Path(args.text_file) if args.text_file else None, data=args.data)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {result.bits_per_byte:.4f}  "
+              f"({result.tokens:,} tokens, {result.bytes:,} bytes)")
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     from crosstrain import log as logsetup
     from crosstrain.data.pipeline import build_pipeline
@@ -160,6 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and plots go")
     _add_process_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run's latest checkpoint")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--text-file", help="evaluate on this text (default: the run's held-out data)")
+    p.add_argument("--data", help="evaluate on the held-out part of this data")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a run's latest checkpoint as a Hugging Face model directory")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weight dtype (default: the run's param_dtype)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="start a run from a Hugging Face Qwen3 or Llama model directory")
+    p.add_argument("--hf", required=True, help="a directory with config.json, safetensors weights and tokenizer.json")
+    p.add_argument("--run-dir", required=True, help="the new run directory")
+    p.add_argument("--preset", help="training settings (the model shape comes from --hf)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("tokenize", help="build (or reuse) the tokenizer and token stores of a config, print the data report")
     _add_config_args(p)

@@ -172,6 +172,8 @@ class InitConfig:
     # Another run directory: start from its latest parameters with a fresh optimizer. This is how
     # AFM's stages chain (core -> continued -> context lengthening); shapes must match.
     from_run: str = ""
+    # A Hugging Face Qwen3 or Llama directory: the model shape, weights and tokenizer come from it.
+    from_hf: str = ""
 
 
 @dataclass(frozen=True)
@@ -503,6 +505,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("faults.spike_sigma", "loss-spike rollback needs checkpoints: set train.checkpoint_every")
     if cfg.init.from_run and not Path(cfg.init.from_run).is_dir():
         raise ConfigError("init.from_run", f"{cfg.init.from_run} is not a directory")
+    if cfg.init.from_hf and not Path(cfg.init.from_hf).is_dir():
+        raise ConfigError("init.from_hf", f"{cfg.init.from_hf} is not a directory")
+    if cfg.init.from_hf and cfg.init.from_run:
+        raise ConfigError("init.from_hf", "give init.from_hf or init.from_run, not both")
 
     _positive("checkpoint.keep", c.keep)
     if c.keep_every < 0:

@@ -194,6 +194,10 @@ def train(cfg: Config, run_dir: Path, *, started: Optional[float] = None) -> dic
     started = time.perf_counter() if started is None else started
     run_dir.mkdir(parents=True, exist_ok=True)
     devices = jax.devices()
+    if cfg.init.from_hf:
+        from crosstrain.hf import apply_hf_model
+
+        cfg = apply_hf_model(cfg, Path(cfg.init.from_hf))
     cfg, rule = apply_mesh_rule(cfg, devices)
     _check_resume_config(cfg, run_dir)
     resolve_sources(cfg)  # paths and formats, before anything is logged or compiled
@@ -268,6 +272,13 @@ class Trainer:
             return state, int(meta["step"]), meta.get("data", {}).get("iterator"), step
         if self.cfg.init.from_run:
             return state_from_run(self.setup, Path(self.cfg.init.from_run)), 0, None, None
+        if self.cfg.init.from_hf:
+            from crosstrain.hf import load_hf_params
+
+            params = load_hf_params(Path(self.cfg.init.from_hf), self.m)
+            log.info("initialised parameters from Hugging Face model %s, fresh optimizer state", self.cfg.init.from_hf)
+            fn = jax.jit(lambda p: init_state(p, self.t.seed), out_shardings=self.setup.state_shardings)
+            return fn(params), 0, None, None
         return init_train_state(self.setup), 0, None, None
 
     def _meta(self, step: int) -> dict[str, Any]:
