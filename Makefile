@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make demo   create .venv, install crosstrain, train the demo model on the built-in corpus, sample from it
-#   make test   create .venv, install crosstrain with its dev extra, run the whole test suite
+#   make test   create .venv, install crosstrain with its dev and tpu extras, run the whole test suite
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -16,7 +16,7 @@ install: $(PY)
 	$(PIP) install --quiet -e .
 
 install-dev: $(PY)
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,tpu]'
 
 demo: install
 	rm -rf runs/demo

@@ -184,6 +184,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from crosstrain.config import parse_count
+    from crosstrain.planner import report
+    from crosstrain.planner.plan import Options, compare, parse_compare, parse_parallelism, plan
+
+    if args.cases:
+        from crosstrain.planner.cases import evaluate_cases
+
+        result = evaluate_cases(Path(args.cases))
+        print(json.dumps(result, indent=1) if args.json else report.cases_table(result))
+        return 0
+    if not args.preset:
+        raise UserError("plan: --preset is required (or --cases FILE.csv)")
+    cfg = _load_config(args)
+    opts = Options(
+        chip=args.chip or "", chips=args.chips or 0,
+        tokens=parse_count(args.tokens, "--tokens") if args.tokens else None,
+        parallelism=parse_parallelism(args.parallelism) if args.parallelism else None,
+        remat=args.remat, price=args.price, power=args.power, power_cap=args.power_cap, pue=args.pue,
+        objective=args.objective,
+    )
+    if args.compare:
+        targets = parse_compare(args.compare)
+        rows = compare(cfg, targets, opts)
+        out = Path(args.out or "plan-compare.png")
+        report.compare_chart(rows, out, f"{cfg.description or args.preset}: {rows[0].get('tokens', 0) / 1e12:.2g}T tokens")
+        if args.json:
+            print(json.dumps({"plans": rows, "chart": str(out)}, indent=1))
+        else:
+            print(report.compare_table(rows))
+            print(f"chart: {out}")
+        return 0
+    if not args.chip or not args.chips:
+        raise UserError("plan: give --chip and --chips (or --compare CHIP:N,...)")
+    result = plan(cfg, opts)
+    if args.aot:
+        from crosstrain.hardware import get_chip
+        from crosstrain.planner.aot import compile_step
+
+        result["aot"] = compile_step(cfg, get_chip(args.chip), result["parallelism"], result["chips"], result["remat"])
+    print(json.dumps(result, indent=1) if args.json else report.plan_table(result))
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     from crosstrain import log as logsetup
     from crosstrain.data.pipeline import build_pipeline
@@ -213,6 +257,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and plots go")
     _add_process_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="predict time, memory, cost and energy of a run on N chips of any accelerator")
+    _add_config_args(p, preset_required=False)
+    p.add_argument("--chip", help="catalog name (tpu-v4, tpu-v5p, trn2, h100-sxm, ...)")
+    p.add_argument("--chips", type=int)
+    p.add_argument("--tokens", help="token budget, e.g. 6.3T (default: the preset's steps x batch x seq_len)")
+    p.add_argument("--parallelism", help="pin a layout: tp=..,pp=..,dp=..,fsdp=..,cp=..,microbatch=.. (default: search)")
+    p.add_argument("--remat", choices=["none", "selective", "full"], help="pin the recomputation policy (default: search)")
+    p.add_argument("--objective", choices=["time", "cost"], default="time",
+                   help="time: fastest layout on --chips; cost: cheapest run using up to --chips")
+    p.add_argument("--price", type=float, help="USD per chip-hour (default: the catalog's list price)")
+    p.add_argument("--power", type=float, help="watts per chip (default: the catalog's figure)")
+    p.add_argument("--power-cap", type=float, help="chips run under this power cap (W): lower sustained clocks")
+    p.add_argument("--pue", type=float, default=1.0, help="data-centre power usage effectiveness for energy")
+    p.add_argument("--compare", help="several options side by side: CHIP:N,CHIP:N,... (writes a PNG chart)")
+    p.add_argument("--out", help="where --compare writes its chart (default plan-compare.png)")
+    p.add_argument("--cases", help="validate against published runs in this CSV (shared/planner/cases.csv schema)")
+    p.add_argument("--aot", action="store_true", help="also compile crosstrain's step for a TPU topology with libtpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run's latest checkpoint")
     p.add_argument("--run-dir", required=True)
@@ -262,7 +326,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _skip_absent_tpu() -> None:
+    """With libtpu installed (the `tpu` extra, for ahead-of-time TPU compiles) on a machine without
+    TPU devices, JAX's backend probe prints libtpu warnings and waits; use the CPU directly. Only
+    when the user chose no platform and no CUDA plugin is installed."""
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    if any(Path("/dev").glob("accel*")) or Path("/dev/vfio").is_dir():
+        return
+    if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _skip_absent_tpu()
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

@@ -38,6 +38,15 @@ class Chip:
     hbm_gib: float
     hbm_gbps: float  # HBM bandwidth, GB/s
     devices_per_chip: int = 1
+    # Fast domain (ICI / NeuronLink / NVLink): per-chip collective bandwidth, GB/s in each
+    # direction, and how many chips it joins.
+    link_gbps: float = 0.0
+    link_domain: int = 1
+    # Scale-out network (DCN / EFA / InfiniBand) per chip, GB/s in each direction.
+    scaleout_gbps: float = 0.0
+    power_w: float = 0.0  # per chip, for energy estimates
+    price_per_hour: float = 0.0  # per chip, USD, on-demand list price (override with --price)
+    family: str = "gpu"  # tpu | gpu | trainium | cpu: selects the planner's efficiency constants
     sources: dict[str, str] = field(default_factory=dict)
 
     def peak_flops(self, dtype: str) -> Optional[float]:
@@ -47,100 +56,130 @@ class Chip:
         return None if tflops is None else tflops * 1e12
 
 
+_TPU_PRICES = "cloud.google.com/tpu/pricing, on-demand per chip-hour (2025 list prices; they change, override with --price)"
+
 CATALOG: dict[str, Chip] = {
     c.name: c
     for c in [
         Chip(
-            "tpu-v4",
-            "Google Cloud TPU v4",
-            (r"^TPU v4",),
-            {"bf16": 275.0},
-            hbm_gib=32,
-            hbm_gbps=1200,
-            sources={"all": "cloud.google.com/tpu/docs/v4 (key specifications: 275 TFLOPS bf16, 32 GiB HBM2 at 1200 GBps)"},
+            "tpu-v4", "Google Cloud TPU v4", (r"^TPU v4",), {"bf16": 275.0},
+            hbm_gib=32, hbm_gbps=1200, link_gbps=270, link_domain=4096, scaleout_gbps=3.1,
+            power_w=170, price_per_hour=3.22, family="tpu",
+            sources={
+                "compute": "cloud.google.com/tpu/docs/v4: 275 TFLOPS bf16, 32 GiB HBM2 at 1200 GBps",
+                "links": "same page: all-reduce bandwidth 1.1 PB/s per 4096-chip pod = 270 GB/s per chip; "
+                         "DCN: estimate, 100 Gbps NIC per 4-chip host",
+                "power": "same page: measured mean 170 W (min/mean/max 90/170/192 W)",
+                "price": _TPU_PRICES + ": $3.22",
+            },
         ),
         Chip(
-            "tpu-v5e",
-            "Google Cloud TPU v5e",
-            (r"^TPU v5 ?lite", r"^TPU v5e"),
-            {"bf16": 197.0},
-            hbm_gib=16e9 / GIB,
-            hbm_gbps=819,
-            sources={"all": "cloud.google.com/tpu/docs/v5e (197 TFLOPS bf16, 16 GB HBM2 at 819 GBps)"},
+            "tpu-v5e", "Google Cloud TPU v5e", (r"^TPU v5 ?lite", r"^TPU v5e"), {"bf16": 197.0},
+            hbm_gib=16e9 / GIB, hbm_gbps=819, link_gbps=200, link_domain=256, scaleout_gbps=3.1,
+            power_w=200, price_per_hour=1.20, family="tpu",
+            sources={
+                "compute": "cloud.google.com/tpu/docs/v5e: 197 TFLOPS bf16, 16 GB HBM2 at 819 GBps",
+                "links": "same page: 400 GBps bidirectional ICI per chip (all-reduce 51.2 TB/s per 256 chips); "
+                         "DCN 2 x 100 Gbps NIC per 8-chip host",
+                "power": "not published by Google: estimate",
+                "price": _TPU_PRICES + ": $1.20",
+            },
         ),
         Chip(
-            "tpu-v5p",
-            "Google Cloud TPU v5p",
-            (r"^TPU v5p?$", r"^TPU v5p"),
-            {"bf16": 459.0},
-            hbm_gib=95,
-            hbm_gbps=2765,
-            sources={"all": "cloud.google.com/tpu/docs/v5p (459 TFLOPS bf16, 95 GiB HBM2e at 2765 GBps)"},
+            "tpu-v5p", "Google Cloud TPU v5p", (r"^TPU v5p?$", r"^TPU v5p"), {"bf16": 459.0},
+            hbm_gib=95, hbm_gbps=2765, link_gbps=600, link_domain=8960, scaleout_gbps=6.25,
+            power_w=400, price_per_hour=4.20, family="tpu",
+            sources={
+                "compute": "cloud.google.com/tpu/docs/v5p: 459 TFLOPS bf16, 95 GiB HBM2e at 2765 GBps",
+                "links": "same page: 1200 GBps bidirectional ICI per chip (4800 Gbps), 8960-chip pod; DCN 50 Gbps per chip",
+                "power": "not published by Google: estimate",
+                "price": _TPU_PRICES + ": $4.20",
+            },
         ),
         Chip(
-            "tpu-v6e",
-            "Google Cloud TPU v6e (Trillium)",
-            (r"^TPU v6 ?lite", r"^TPU v6e"),
-            {"bf16": 918.0},
-            hbm_gib=32e9 / GIB,
-            hbm_gbps=1638,
-            sources={"all": "cloud.google.com/tpu/docs/v6e (918 TFLOPS bf16, 32 GB HBM at 1638 GBps)"},
+            "tpu-v6e", "Google Cloud TPU v6e (Trillium)", (r"^TPU v6 ?lite", r"^TPU v6e"), {"bf16": 918.0},
+            hbm_gib=32e9 / GIB, hbm_gbps=1638, link_gbps=400, link_domain=256, scaleout_gbps=12.5,
+            power_w=300, price_per_hour=2.70, family="tpu",
+            sources={
+                "compute": "cloud.google.com/tpu/docs/v6e: 918 TFLOPS bf16, 32 GB HBM at 1638 GBps",
+                "links": "same page: 800 GBps bidirectional ICI per chip, 256-chip pod; DCN: estimate (100 Gbps per chip)",
+                "power": "not published by Google: estimate (Google states 67% better energy efficiency than v5e)",
+                "price": _TPU_PRICES + ": $2.70",
+            },
         ),
         Chip(
-            "trn1",
-            "AWS Trainium (trn1.32xlarge: 16 chips)",
-            (r"(?i)trn1", r"(?i)trainium1?$", r"^NC_v2"),
+            "trn1", "AWS Trainium (trn1.32xlarge: 16 chips)", (r"(?i)trn1", r"(?i)trainium1?$", r"^NC_v2"),
             {"bf16": 190.0, "fp32": 47.5},
-            hbm_gib=32,
-            hbm_gbps=820 * GIB / 1e9,
-            devices_per_chip=2,
-            sources={"all": "awsdocs-neuron: Trainium architecture (2 NeuronCore-v2, 190 BF16 / 47.5 FP32 TFLOPS, 32 GiB at 820 GiB/s)"},
+            hbm_gib=32, hbm_gbps=820 * GIB / 1e9, devices_per_chip=2, link_gbps=192, link_domain=16,
+            scaleout_gbps=6.25, power_w=300, price_per_hour=21.50 / 16, family="trainium",
+            sources={
+                "compute": "awsdocs-neuron Trainium architecture: 2 NeuronCore-v2, 190 BF16 / 47.5 FP32 TFLOPS, "
+                           "32 GiB at 820 GiB/s",
+                "links": "NeuronLink-v2 in a 16-chip 2D torus (4 links per chip; 192 GB/s per direction is our "
+                         "estimate); EFA 800 Gbps per trn1.32xlarge = 50 Gbps per chip (trn1 architecture page)",
+                "power": "not published by AWS: estimate",
+                "price": "AWS EC2 on-demand trn1.32xlarge $21.50/h (us-east-1) / 16 chips",
+            },
         ),
         Chip(
-            "trn2",
-            "AWS Trainium2 (trn2.48xlarge: 16 chips; UltraServer: 64)",
-            (r"(?i)trn2", r"(?i)trainium2", r"^NC_v3"),
+            "trn2", "AWS Trainium2 (trn2.48xlarge: 16 chips; UltraServer: 64)", (r"(?i)trn2", r"(?i)trainium2", r"^NC_v3"),
             {"bf16": 667.0, "fp32": 181.0, "fp8": 1299.0},
-            hbm_gib=96,
-            hbm_gbps=2900,
-            devices_per_chip=4,
-            sources={"all": "awsdocs-neuron: Trainium2 architecture (8 NeuronCore-v3, 667 BF16 / 181 FP32 / 1299 FP8 TFLOPS, 96 GiB at 2.9 TB/s; LNC=2 gives 4 logical cores)"},
+            hbm_gib=96, hbm_gbps=2900, devices_per_chip=4, link_gbps=640, link_domain=64,
+            scaleout_gbps=25.0, power_w=500, price_per_hour=3.00, family="trainium",
+            sources={
+                "compute": "awsdocs-neuron Trainium2 architecture: 8 NeuronCore-v3, 667 BF16 / 181 FP32 / 1299 FP8 "
+                           "TFLOPS, 96 GiB at 2.9 TB/s; LNC=2 gives 4 logical cores per chip",
+                "links": "NeuronLink-v3 1.28 TB/s per chip (bidirectional), 16 chips per trn2.48xlarge in a 4x4 torus, "
+                         "64 per UltraServer; EFAv3 3.2 Tbps per instance = 200 Gbps per chip (Trn2 architecture page)",
+                "power": "not published by AWS: estimate",
+                "price": "assumed $3.00 per chip-hour (~$48/h per trn2.48xlarge); check your region and override",
+            },
         ),
         Chip(
-            "a100-80gb",
-            "NVIDIA A100 SXM 80GB",
-            (r"A100",),
-            {"bf16": 312.0, "fp32": 19.5},
-            hbm_gib=80e9 / GIB,
-            hbm_gbps=2039,
-            sources={"all": "NVIDIA A100 datasheet (312 TFLOPS dense BF16, 19.5 FP32, 80 GB HBM2e at 2039 GB/s)"},
+            "a100-80gb", "NVIDIA A100 SXM 80GB", (r"A100",), {"bf16": 312.0, "fp32": 19.5},
+            hbm_gib=80e9 / GIB, hbm_gbps=2039, link_gbps=300, link_domain=8, scaleout_gbps=25.0,
+            power_w=400, price_per_hour=40.97 / 8, family="gpu",
+            sources={
+                "compute": "NVIDIA A100 datasheet: 312 TFLOPS dense BF16, 19.5 FP32, 80 GB HBM2e at 2039 GB/s",
+                "links": "NVLink 3: 600 GB/s bidirectional per GPU, 8 per HGX node; 200 Gbps HDR InfiniBand per GPU "
+                         "(DGX A100)",
+                "power": "NVIDIA A100 SXM datasheet: 400 W TDP",
+                "price": "AWS EC2 on-demand p4de.24xlarge $40.97/h / 8 GPUs",
+            },
         ),
         Chip(
-            "h100-sxm",
-            "NVIDIA H100 SXM 80GB",
-            (r"H100 80GB HBM3", r"H100 SXM", r"^NVIDIA H100$"),
+            "h100-sxm", "NVIDIA H100 SXM 80GB", (r"H100 80GB HBM3", r"H100 SXM", r"^NVIDIA H100$"),
             {"bf16": 989.0, "fp32": 67.0, "fp8": 1979.0},
-            hbm_gib=80e9 / GIB,
-            hbm_gbps=3350,
-            sources={"all": "NVIDIA H100 datasheet, SXM column (989 TFLOPS dense BF16, 1979 FP8, 67 FP32, 80 GB HBM3 at 3.35 TB/s)"},
+            hbm_gib=80e9 / GIB, hbm_gbps=3350, link_gbps=450, link_domain=8, scaleout_gbps=50.0,
+            power_w=700, price_per_hour=55.04 / 8, family="gpu",
+            sources={
+                "compute": "NVIDIA H100 datasheet, SXM: 989 TFLOPS dense BF16, 1979 FP8, 67 FP32, 80 GB HBM3 at 3.35 TB/s",
+                "links": "NVLink 4: 900 GB/s bidirectional per GPU, 8 per HGX node; 400 Gbps NDR InfiniBand per GPU",
+                "power": "NVIDIA H100 SXM datasheet: up to 700 W",
+                "price": "AWS EC2 on-demand p5.48xlarge $55.04/h (after the June 2025 price cut) / 8 GPUs",
+            },
         ),
         Chip(
-            "h200",
-            "NVIDIA H200 SXM 141GB",
-            (r"H200",),
-            {"bf16": 989.0, "fp32": 67.0, "fp8": 1979.0},
-            hbm_gib=141e9 / GIB,
-            hbm_gbps=4800,
-            sources={"all": "NVIDIA H200 datasheet, SXM column (989 TFLOPS dense BF16, 141 GB HBM3e at 4.8 TB/s)"},
+            "h200", "NVIDIA H200 SXM 141GB", (r"H200",), {"bf16": 989.0, "fp32": 67.0, "fp8": 1979.0},
+            hbm_gib=141e9 / GIB, hbm_gbps=4800, link_gbps=450, link_domain=8, scaleout_gbps=50.0,
+            power_w=700, price_per_hour=8.00, family="gpu",
+            sources={
+                "compute": "NVIDIA H200 datasheet, SXM: 989 TFLOPS dense BF16, 141 GB HBM3e at 4.8 TB/s",
+                "links": "NVLink 4: 900 GB/s bidirectional per GPU, 8 per HGX node; 400 Gbps per GPU scale-out",
+                "power": "NVIDIA H200 SXM datasheet: up to 700 W",
+                "price": "assumed $8.00 per GPU-hour (cloud list prices for 8-GPU H200 nodes vary); override",
+            },
         ),
         Chip(
-            "b200",
-            "NVIDIA B200 (HGX B200)",
-            (r"B200",),
-            {"bf16": 2250.0, "fp32": 75.0, "fp8": 4500.0},
-            hbm_gib=180e9 / GIB,
-            hbm_gbps=8000,
-            sources={"all": "NVIDIA HGX B200 specifications, per GPU (2.25 PFLOPS dense BF16, 4.5 FP8, 180 GB HBM3e at 8 TB/s)"},
+            "b200", "NVIDIA B200 (HGX B200)", (r"B200",), {"bf16": 2250.0, "fp32": 75.0, "fp8": 4500.0},
+            hbm_gib=180e9 / GIB, hbm_gbps=8000, link_gbps=900, link_domain=8, scaleout_gbps=50.0,
+            power_w=1000, price_per_hour=14.00, family="gpu",
+            sources={
+                "compute": "NVIDIA HGX B200 specifications, per GPU: 2.25 PFLOPS dense BF16, 4.5 FP8, 180 GB HBM3e at 8 TB/s",
+                "links": "NVLink 5: 1.8 TB/s bidirectional per GPU, 8 per HGX node; 400 Gbps per GPU scale-out",
+                "power": "NVIDIA HGX B200: 1000 W per GPU",
+                "price": "assumed $14.00 per GPU-hour (cloud list prices for 8-GPU B200 nodes vary); override",
+            },
         ),
     ]
 }
@@ -241,8 +280,14 @@ def cpu_chip() -> Chip:
         (),
         {"fp32": peaks["fp32"], "bf16": peaks["bf16"]},
         hbm_gib=_host_memory_gib(),
-        hbm_gbps=0.0,
-        sources={"all": "measured on this machine: best of 5 2048^3 matmuls per dtype (hardware.cpu_matmul_ceiling)"},
+        hbm_gbps=20.0,
+        link_gbps=20.0,
+        link_domain=1,
+        family="cpu",
+        sources={
+            "compute": "measured on this machine: best of 5 2048^3 matmuls per dtype (hardware.cpu_matmul_ceiling)",
+            "memory": "host RAM; bandwidth an assumed 20 GB/s",
+        },
     )
 
 

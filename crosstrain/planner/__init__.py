@@ -1,0 +1,1 @@
+"""Accelerator planner: what a pre-training run costs on any chip."""

@@ -1,0 +1,204 @@
+"""Validation against published training runs (rows in the schema of shared/planner/cases.csv).
+
+Each row gives a model, a chip count, a layout and one measured figure; the planner predicts that
+figure from the same inputs. Blank inputs were not published: where the source's own configuration
+files give them, `published_cases_assumptions.csv` fills them in (with the file cited); any still
+blank are chosen by the planner's search (the fastest layout that fits), which is what a tuned
+published configuration most likely was. Every filled-in value is reported with the prediction.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import statistics
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from crosstrain.config import ModelConfig
+from crosstrain.errors import UserError
+from crosstrain.flops import flops_per_token, matmul_params
+from crosstrain.hardware import get_chip
+from crosstrain.planner.model import Estimate, Layout, estimate
+from crosstrain.planner.search import search
+
+REQUIRED = ("id", "chip", "chips", "layers", "hidden", "heads", "ffn", "vocab", "seq_len", "metric", "value")
+METRICS = ("mfu", "tflops_per_chip_model", "tflops_per_chip_hw", "tokens_per_s_per_chip", "seqs_per_s", "step_time_s")
+REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "selective", "full": "full"}
+
+
+@dataclass
+class CaseResult:
+    id: str
+    metric: str
+    predicted: float
+    actual: float
+    rel_error: float
+    chip: str
+    chips: int
+    layout: str
+    remat: str
+    global_batch: int
+    step_time_s: float
+    assumed: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _assumptions() -> dict[str, dict[str, tuple[str, str]]]:
+    table: dict[str, dict[str, tuple[str, str]]] = {}
+    path = resources.files("crosstrain") / "planner" / "data" / "published_cases_assumptions.csv"
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            table.setdefault(row["id"], {})[row["field"]] = (row["value"], row["basis"])
+    return table
+
+
+def shipped_cases_path() -> Path:
+    return Path(str(resources.files("crosstrain") / "planner" / "data" / "published_cases.csv"))
+
+
+def _int(row: dict, key: str) -> Optional[int]:
+    v = (row.get(key) or "").strip()
+    return int(float(v)) if v else None
+
+
+def _bool(row: dict, key: str, default: bool) -> bool:
+    v = (row.get(key) or "").strip().lower()
+    return default if not v else v in ("true", "1", "yes")
+
+
+def read_cases(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise UserError(f"--cases: {path} not found")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"--cases: cannot read {path}: {e}") from None
+    if not rows:
+        raise UserError(f"--cases: {path} has no rows")
+    missing = [c for c in REQUIRED if c not in rows[0]]
+    if missing:
+        raise UserError(f"--cases: {path} lacks column(s) {', '.join(missing)}")
+    for i, row in enumerate(rows, start=2):
+        if row["metric"] not in METRICS:
+            raise UserError(f"--cases: {path}:{i}: unknown metric '{row['metric']}' (known: {', '.join(METRICS)})")
+    return rows
+
+
+def predict_case(row: dict[str, str]) -> CaseResult:
+    assumed: list[str] = []
+    table = _assumptions().get(row["id"], {})
+    row = dict(row)
+    for key, (value, basis) in table.items():
+        if not (row.get(key) or "").strip():
+            row[key] = value
+            assumed.append(f"{key}={value} ({basis})")
+    chip = get_chip(row["chip"])
+    chips = int(row["chips"])
+    unit_per_chip = chip.devices_per_chip
+    devices = chips * unit_per_chip
+    heads = int(row["heads"])
+    kv = _int(row, "kv_heads") or heads
+    hidden = int(row["hidden"])
+    m = ModelConfig(
+        layers=int(row["layers"]), hidden=hidden, heads=heads, kv_heads=kv,
+        head_dim=_int(row, "head_dim") or hidden // heads, ffn=int(row["ffn"]), vocab=int(row["vocab"]),
+        seq_len=int(row["seq_len"]), tie_embeddings=_bool(row, "tied", False), qk_norm=False,
+    )
+    glu = _bool(row, "glu", True)
+    # Degrees count devices; with parallel_unit=chip on a multi-core chip they count chips.
+    scale = 1 if (row.get("parallel_unit") or "chip") == "core" else unit_per_chip
+    fixed: dict[str, Any] = {}
+    for key in ("tp", "pp", "dp", "fsdp", "cp"):
+        v = _int(row, key)
+        if v is not None:
+            fixed[key] = v * (scale if key == "tp" else 1)
+    if scale > 1 and "tp" not in fixed:
+        fixed["tp"] = scale  # a multi-core chip's cores share a layer
+    remat = (row.get("remat") or "").strip()
+    if remat:
+        fixed["remat"] = REMAT_NAMES.get(remat, "full")
+    if "zero1" in (row.get("notes") or "").lower().replace("-", ""):
+        fixed["zero1"] = True
+    if "interleaved" in (row.get("notes") or "").lower():
+        fixed["virtual_stages"] = 2
+    batch = _int(row, "global_batch_seqs")
+    if batch is None:
+        raise UserError(f"--cases: row {row['id']} has no global_batch_seqs and no assumption for it")
+    # Microbatch: 1 sequence with a pipeline (the sources' setting), else the whole local batch
+    # (no gradient accumulation the source did not mention).
+    if _int(row, "microbatch"):
+        fixed["microbatch"] = _int(row, "microbatch")
+    elif fixed.get("pp", 1) > 1:
+        fixed["microbatch"] = 1
+    elif all(k in fixed for k in ("dp", "fsdp")):
+        fixed["microbatch"] = max(1, batch // (fixed["dp"] * fixed["fsdp"]))
+    cap = re.search(r"(\d+)\s*W cap", row.get("notes") or "")
+    power_cap = float(cap.group(1)) if cap else None
+    if power_cap:
+        assumed.append(f"power cap {power_cap:.0f} W (notes column)")
+    est, _ = search(m, chip, devices, batch, fixed=fixed, glu=glu, require_fit=False, power_cap_w=power_cap)
+    if est is not None and not est.fits:
+        assumed.append(f"memory: the planner estimates {est.memory_per_device_gib:.0f} GiB per device, over "
+                       f"the catalog's {est.capacity_gib:.0f} GiB for {chip.name}")
+    if est is None:
+        raise UserError(f"--cases: row {row['id']}: no layout with {row.get('tp') or 'any'} tp fits the model on {chips} {chip.name}")
+    for key in ("tp", "pp", "dp", "fsdp", "cp"):
+        if key not in fixed:
+            assumed.append(f"{key}={getattr(est.layout, key)} (searched)")
+    if not remat:
+        assumed.append(f"remat={est.layout.remat} (searched)")
+    predicted = metric_value(row["metric"], est, m, chip, chips, batch, row, glu)
+    actual = float(row["value"])
+    return CaseResult(
+        id=row["id"], metric=row["metric"], predicted=predicted, actual=actual,
+        rel_error=(predicted - actual) / actual, chip=chip.name, chips=chips, layout=est.layout.describe(),
+        remat=est.layout.remat, global_batch=batch, step_time_s=est.step_time_s, assumed=assumed,
+        source=row.get("source", ""),
+    )
+
+
+def metric_value(metric: str, est: Estimate, m: ModelConfig, chip, chips: int, batch: int, row: dict, glu: bool) -> float:
+    tokens = batch * m.seq_len
+    conv = (row.get("attn_flops") or "full").strip() or "full"
+    model_flops = flops_per_token(m, attention=conv, glu=glu) * tokens
+    t = est.step_time_s
+    if metric == "step_time_s":
+        return t
+    if metric == "seqs_per_s":
+        return batch / t
+    if metric == "tokens_per_s_per_chip":
+        return tokens / t / chips
+    if metric == "tflops_per_chip_model":
+        return model_flops / t / chips / 1e12
+    if metric == "mfu":
+        return model_flops / t / (chips * chip.peak_flops("bfloat16"))
+    # tflops_per_chip_hw: the source's count with its recomputation
+    remat = (row.get("remat") or est.layout.remat).strip()
+    extra = 0.0
+    layer_fwd = 2.0 * (matmul_params(m, glu=glu) - m.hidden * m.vocab) + 4.0 * m.layers * m.heads * m.head_dim * m.seq_len / (2 if conv == "causal" else 1)
+    if remat == "full":
+        extra = layer_fwd * tokens
+    return (model_flops + extra) / t / chips / 1e12
+
+
+def evaluate_cases(path: Path) -> dict[str, Any]:
+    rows = read_cases(path)
+    results = [predict_case(r) for r in rows]
+    errors = [abs(r.rel_error) for r in results]
+    return {
+        "cases": [r.to_dict() for r in results],
+        "summary": {
+            "count": len(results),
+            "median_abs_rel_error": statistics.median(errors),
+            "mean_abs_rel_error": statistics.fmean(errors),
+            "max_abs_rel_error": max(errors),
+            "worst": results[errors.index(max(errors))].id,
+        },
+    }

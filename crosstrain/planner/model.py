@@ -1,0 +1,354 @@
+"""The planner's physics: per-device memory and step time for a model, a layout and a chip.
+
+Everything is per *device* (a TPU chip, a GPU, a Trainium NeuronCore): a layout's degrees
+tp x pp x dp x fsdp x cp multiply to the device count.
+
+Step time, for one pipeline stage (the last, which also holds the output projection):
+
+    compute  = hardware FLOPs (recomputation included) / (peak x matmul efficiency x shape factor)
+    memory   = elementwise bytes (norms, residuals, RoPE, SwiGLU, softmax, optimizer) / HBM bandwidth
+    tp       = 4 all-reduces of a microbatch's activations per layer (6 with full recomputation),
+               on the fast link while tp fits in its domain; partly hidden behind compute
+    fsdp, dp = parameter all-gathers (forward and backward, every microbatch), gradient
+               reduce-scatter / all-reduce (once per step), on the slowest link the group spans;
+               hidden behind compute up to the family's overlap fraction
+    bubble   = pipeline fill and drain: (pp - 1) / (microbatches x virtual stages)
+    cp       = context parallelism's key/value all-gather per layer (overlappable)
+
+    step = (compute + memory + exposed tp + exposed cp) x (1 + bubble) + exposed fsdp/dp
+
+`implementation="crosstrain"` models crosstrain's own step (used to compare with XLA's analysis of
+it); the default models an efficient implementation (flash attention, sequence parallelism).
+
+Memory: parameters (fp32), gradients (fp32) and Adam moments (2 x fp32) sharded over
+tp x pp x fsdp (moments also over dp with ZeRO-1); saved activations by remat policy for the
+microbatches a 1F1B pipeline keeps in flight; the fp32 logits and their gradient; the gathered
+layer of FSDP; a per-family runtime reserve.
+
+The constants are per chip family, never per case, and each is documented in FAMILIES.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from crosstrain.config import ModelConfig
+from crosstrain.flops import AttnConvention, attention_flops_per_token, flops_per_token, matmul_params
+from crosstrain.hardware import GIB, Chip
+
+BF16 = 2
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Family:
+    """Efficiency constants shared by every chip of a family (measured or published, not fitted
+    to single runs)."""
+
+    name: str
+    # Fraction of dense peak that large bf16 matmuls reach. TPU MXUs run large matmuls at ~90% of
+    # peak (MaxText reports up to 71% MFU end to end on v5p); cuBLAS reaches ~80% of A100 peak and
+    # ~70% of H100 SXM peak on large shapes; Neuron's compiler reports ~85% on Trainium matmuls.
+    matmul_eff: float
+    # Matmul width (per device) at which efficiency halves: small tensor-parallel shards and short
+    # microbatches leave the systolic arrays / tensor cores underfed.
+    width_half: int
+    # Fraction of FSDP / data-parallel communication that overlaps compute (XLA async collectives
+    # on TPU; NCCL streams on GPU).
+    overlap: float
+    # Fraction of tensor-parallel all-reduce time hidden behind compute (XLA's collective matmul
+    # on TPU; none in Megatron's 2021 schedule or in Neuron's).
+    tp_overlap: float
+    # Fraction of nominal link bandwidth that collectives achieve.
+    link_eff: float
+    # Attention kernels skip the masked half of causal attention (Splash / FlashAttention) or not.
+    causal_skip: bool
+    # Fraction of peak the attention kernels (scores and weighted sum, forward and backward)
+    # reach: below GEMMs because of softmax and masking work between the matmuls
+    # (FlashAttention-2 reports 35-50% of H100 peak in training; Splash on TPU does better).
+    attn_eff: float
+    # Passes over activations that elementwise work makes, relative to a fully fused program:
+    # XLA fuses norms, RoPE, SwiGLU and residual adds into few kernels (1.0); PyTorch frameworks
+    # launch more, smaller kernels even under torch.compile.
+    elementwise_passes: float
+    # Memory the runtime keeps for itself per device (GiB), and the fraction of HBM usable.
+    reserved_gib: float
+    usable: float
+
+
+FAMILIES: dict[str, Family] = {
+    "tpu": Family("tpu", matmul_eff=0.90, width_half=96, overlap=0.9, tp_overlap=0.25, link_eff=0.8,
+                  causal_skip=True, attn_eff=0.6, elementwise_passes=1.0, reserved_gib=0.5, usable=0.97),
+    "gpu": Family("gpu", matmul_eff=0.75, width_half=160, overlap=0.8, tp_overlap=0.0, link_eff=0.75,
+                  causal_skip=True, attn_eff=0.4, elementwise_passes=2.5, reserved_gib=2.0, usable=0.92),
+    "trainium": Family("trainium", matmul_eff=0.85, width_half=128, overlap=0.7, tp_overlap=0.0, link_eff=0.7,
+                       causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.95),
+    "cpu": Family("cpu", matmul_eff=0.85, width_half=64, overlap=0.0, tp_overlap=0.0, link_eff=1.0,
+                  causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.8),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    fsdp: int = 1
+    cp: int = 1
+    microbatch: int = 1  # sequences per data-parallel rank per microbatch
+    virtual_stages: int = 1  # interleaved pipeline schedule
+    sequence_parallel: bool = True  # shard norm/residual activations over tp (Megatron SP)
+    zero1: bool = False  # optimizer state sharded over dp
+    remat: str = "full"  # none | selective | full
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.pp * self.dp * self.fsdp * self.cp
+
+    @property
+    def ranks(self) -> int:
+        return self.dp * self.fsdp
+
+    def describe(self) -> str:
+        parts = [f"{k}={getattr(self, k)}" for k in ("tp", "pp", "dp", "fsdp", "cp") if getattr(self, k) > 1]
+        return ",".join(parts) or "single device"
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    devices: int
+    chips: float
+    step_time_s: float
+    time: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)  # bytes per device
+    memory_per_device_gib: float = 0.0
+    capacity_gib: float = 0.0
+    fits: bool = True
+    model_flops_per_step: float = 0.0
+    hardware_flops_per_step: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layout"] = asdict(self.layout)
+        return d
+
+
+def _shape_factor(width: float, half: int) -> float:
+    return width / (width + half)
+
+
+def layer_params(m: ModelConfig, glu: bool = True) -> float:
+    return (matmul_params(m, glu=glu) - m.hidden * m.vocab) / m.layers + 2 * m.hidden + (2 * m.head_dim if m.qk_norm else 0)
+
+
+def total_params(m: ModelConfig, glu: bool = True) -> float:
+    embed = m.vocab * m.hidden * (1 if m.tie_embeddings else 2)
+    return layer_params(m, glu) * m.layers + embed + m.hidden
+
+
+# crosstrain's own step (reference attention, fp32 norms/RoPE/softmax, no sequence parallelism)
+# keeps more than the bf16 minimum when nothing is recomputed. Measured with XLA's TPU memory
+# analysis of the compiled step (v5p, two model widths, two sequence lengths): 7.1 bytes per
+# activation element (3.5 bf16 copies) and 16 bytes per attention-score element, per token and layer.
+CROSSTRAIN_NONE_BYTES_PER_ELEMENT = 7.1
+CROSSTRAIN_SCORE_BYTES = 16.0
+
+
+def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool, glu: bool = True,
+                                     implementation: str = "efficient") -> dict[str, float]:
+    """Bytes saved for the backward pass, per token per layer (bf16 activations), by policy.
+
+    Counted for this decoder: norm inputs/outputs and residuals (h-sized), q/k/v before and after
+    QK-norm and RoPE and the attention output (head-sized), gate/up/silu/product (ffn-sized), and
+    without a flash kernel the fp32 scores and bf16 probabilities (heads x sequence)."""
+    tp = lay.tp
+    h_div = tp if (lay.sequence_parallel and tp > 1) else 1
+    hd = m.head_dim
+    scores = 0.0 if flash else m.heads * (m.seq_len / lay.cp) * (FP32 + BF16) / tp / BF16
+    # Everything: both norms' inputs and outputs; q, k, v before and after QK-norm and RoPE, the
+    # attention output; gate, up, silu(gate) and the product (or up and gelu).
+    full_layer = BF16 * (4 * m.hidden / h_div + (4 * m.heads + 4 * m.kv_heads) * hd / tp
+                         + (4 if glu else 2) * m.ffn / tp + scores)
+    # Selective: what the backward pass cannot avoid: each matmul's input (two norm outputs and
+    # their inputs, the attention output, the MLP product) and q, k, v, gate, up; the attention
+    # scores and the elementwise chain are recomputed.
+    selective = BF16 * (4 * m.hidden / h_div + (2 * m.heads + 2 * m.kv_heads) * hd / tp + (3 if glu else 2) * m.ffn / tp)
+    if implementation == "crosstrain":
+        elements = 4 * m.hidden / h_div + (4 * m.heads + 4 * m.kv_heads) * hd / tp + (4 if glu else 2) * m.ffn / tp
+        full_layer = (CROSSTRAIN_NONE_BYTES_PER_ELEMENT * elements
+                      + CROSSTRAIN_SCORE_BYTES * m.heads * (m.seq_len / lay.cp) / tp)
+    return {
+        "none": full_layer,
+        "selective": selective,
+        "full": BF16 * m.hidden / h_div,  # only each layer's input
+        "working": full_layer,  # one layer's activations while it is recomputed / differentiated
+    }
+
+
+def estimate(
+    m: ModelConfig,
+    chip: Chip,
+    lay: Layout,
+    *,
+    global_batch: int,
+    family: Optional[Family] = None,
+    flash: Optional[bool] = None,
+    compute_dtype: str = "bfloat16",
+    glu: bool = True,
+    power_cap_w: Optional[float] = None,
+    implementation: str = "efficient",
+) -> Estimate:
+    fam = family or FAMILIES[chip.family]
+    flash = fam.causal_skip if flash is None else flash
+    D = lay.devices
+    notes: list[str] = []
+    seq = m.seq_len
+    tokens_step = global_batch * seq
+
+    # ---- work ------------------------------------------------------------------------------
+    executed_attn: AttnConvention = "causal" if flash else "full"
+    model_flops = flops_per_token(m, attention="full", glu=glu) * tokens_step
+    dense_fwd = 2.0 * (matmul_params(m, glu=glu) - m.hidden * m.vocab)  # per token, all layers
+    attn_fwd = attention_flops_per_token(m, attention=executed_attn)
+    passes = 3.0 + (1.0 if lay.remat == "full" else 0.0)  # forward, backward (2x), recomputed forward
+    dense_per_token = passes * dense_fwd
+    attn_per_token = (passes + (1.0 if lay.remat == "selective" else 0.0)) * attn_fwd
+    head_per_token = 3.0 * 2.0 * m.hidden * m.vocab
+    hw_flops = (dense_per_token + attn_per_token + head_per_token) * tokens_step
+
+    peak = chip.peak_flops(compute_dtype) or chip.peak_flops("bfloat16")
+    if power_cap_w and chip.power_w and power_cap_w < chip.power_w:
+        # Dynamic power ~ f V^2 with V ~ f: a power cap lowers the sustained clock by (cap/TDP)^(1/3).
+        clock = (power_cap_w / chip.power_w) ** (1.0 / 3.0)
+        peak *= clock
+        notes.append(f"power cap {power_cap_w:.0f} W of {chip.power_w:.0f} W: sustained clock x{clock:.2f}")
+    peak_device = peak / chip.devices_per_chip
+    ranks_batch = global_batch / lay.ranks  # sequences per data-parallel rank per step
+    micro = min(lay.microbatch, ranks_batch)
+    n_micro = max(1, int(round(ranks_batch / micro)))
+    micro_tokens = micro * seq / lay.cp  # tokens per device per microbatch
+    width = min(m.ffn / lay.tp, m.heads * m.head_dim / lay.tp, m.hidden)
+    eff = fam.matmul_eff * _shape_factor(width, fam.width_half) * _shape_factor(micro_tokens, fam.width_half)
+    # The busiest pipeline stage: its share of the layers, plus the output projection (last stage).
+    per_device = tokens_step / (D / lay.pp)
+    t_compute = per_device * (
+        (dense_per_token / lay.pp + head_per_token) / (peak_device * eff)
+        + attn_per_token / lay.pp / (peak_device * fam.attn_eff)
+    )
+
+    # ---- memory-bound work ------------------------------------------------------------------
+    h_div = lay.tp if (lay.sequence_parallel and lay.tp > 1) else 1
+    elem_per_token_layer = BF16 * 3 * (10 * m.hidden / h_div + 10 * (m.heads + 2 * m.kv_heads) * m.head_dim / lay.tp + (4 if glu else 2) * m.ffn / lay.tp)
+    if not flash:
+        elem_per_token_layer += 3 * m.heads * (seq / lay.cp) * (2 * FP32 + 2 * BF16) / lay.tp
+    if lay.remat == "full":
+        elem_per_token_layer *= 4.0 / 3.0
+    elem_per_token_layer *= fam.elementwise_passes
+    tokens_device = tokens_step / (lay.ranks * lay.cp)
+    layers_stage = m.layers / lay.pp
+    params_total = total_params(m, glu)
+    shard = lay.tp * lay.pp * lay.fsdp
+    opt_bytes = params_total / shard * 32  # read params, grads, two moments; write three; bf16 copy
+    hbm = chip.hbm_gbps * 1e9 / chip.devices_per_chip
+    t_memory = (elem_per_token_layer * layers_stage * tokens_device + opt_bytes) / hbm
+
+    # ---- communication ----------------------------------------------------------------------
+    def bandwidth(group: int, inner: int) -> float:
+        """Per-device bandwidth (bytes/s, one direction) of a group of `group` devices whose
+        members are `inner` devices apart."""
+        domain_devices = chip.link_domain * chip.devices_per_chip
+        fast = chip.link_gbps * 1e9 / chip.devices_per_chip * fam.link_eff
+        slow = (chip.scaleout_gbps or chip.link_gbps) * 1e9 / chip.devices_per_chip * fam.link_eff
+        return fast if group * inner <= domain_devices else min(fast, slow)
+
+    tp_bw = bandwidth(lay.tp, 1)
+    tp_passes = 6 if lay.remat == "full" else 4
+    tp_volume = micro_tokens * m.hidden * BF16
+    t_tp = 0.0
+    if lay.tp > 1:
+        t_tp = tp_passes * layers_stage * n_micro * 2 * (lay.tp - 1) / lay.tp * tp_volume / tp_bw
+    t_cp = 0.0
+    if lay.cp > 1:
+        kv_bytes = micro_tokens * 2 * m.kv_heads * m.head_dim * BF16 / lay.tp
+        t_cp = 3 * layers_stage * n_micro * (lay.cp - 1) * kv_bytes / bandwidth(lay.cp, lay.tp)
+    stage_params = params_total / (lay.tp * lay.pp)
+    t_fsdp = 0.0
+    if lay.fsdp > 1:
+        gathers = 2 * n_micro * stage_params * BF16
+        scatter = stage_params * FP32
+        t_fsdp = (gathers + scatter) * (lay.fsdp - 1) / lay.fsdp / bandwidth(lay.fsdp, lay.tp * lay.cp)
+    t_dp = 0.0
+    if lay.dp > 1:
+        grads = stage_params / lay.fsdp * FP32
+        t_dp = 2 * (lay.dp - 1) / lay.dp * grads / bandwidth(lay.dp, lay.tp * lay.cp * lay.fsdp)
+    bubble = (lay.pp - 1) / (n_micro * lay.virtual_stages) if lay.pp > 1 else 0.0
+    if lay.pp > 1 and n_micro < lay.pp:
+        notes.append(f"only {n_micro} microbatches for {lay.pp} pipeline stages: large bubble")
+    exposed_tp = t_tp * (1 - fam.tp_overlap)
+    exposed_cp = t_cp * (1 - fam.overlap)
+    overlappable = t_fsdp + t_dp
+    exposed_sharding = max(overlappable - fam.overlap * t_compute, (1 - fam.overlap) * overlappable)
+    busy = t_compute + t_memory + exposed_tp + exposed_cp
+    step = busy * (1 + bubble) + exposed_sharding
+
+    # ---- memory -----------------------------------------------------------------------------
+    params_b = params_total / shard * FP32
+    grads_b = params_total / shard * FP32
+    opt_b = params_total / shard * 2 * FP32 / (lay.dp if lay.zero1 else 1)
+    act = activation_bytes_per_token_layer(m, lay, flash=flash, glu=glu, implementation=implementation)
+    in_flight = min(lay.pp, n_micro) if lay.pp > 1 else 1
+    saved = act[lay.remat] * micro_tokens * layers_stage * in_flight
+    working = act["working"] * micro_tokens * (1 if lay.remat != "none" else 0)
+    # fp32 logits and their gradient (crosstrain's fused loss keeps one fp32 copy live).
+    logits = micro_tokens * m.vocab / lay.tp * (FP32 if implementation == "crosstrain" else 2 * FP32)
+    gathered = (2 * layer_params(m, glu) / lay.tp * BF16) if lay.fsdp > 1 else 0.0
+    memory = {
+        "params": params_b,
+        "grads": grads_b,
+        "optimizer": opt_b,
+        "activations": saved + working,
+        "logits": logits,
+        "fsdp_buffers": gathered,
+        "reserved": fam.reserved_gib * GIB,
+    }
+    total = sum(memory.values())
+    capacity = chip.hbm_gib / chip.devices_per_chip * fam.usable
+    return Estimate(
+        layout=lay,
+        devices=D,
+        chips=D / chip.devices_per_chip,
+        step_time_s=step,
+        time={
+            "compute_s": t_compute,
+            "memory_bound_s": t_memory,
+            "tp_comm_s": t_tp,
+            "tp_exposed_s": exposed_tp,
+            "fsdp_comm_s": t_fsdp,
+            "dp_comm_s": t_dp,
+            "sharding_exposed_s": exposed_sharding,
+            "cp_comm_s": t_cp,
+            "pipeline_bubble": bubble,
+            "matmul_efficiency": eff,
+            "microbatches": n_micro,
+        },
+        memory=memory,
+        memory_per_device_gib=total / GIB,
+        capacity_gib=capacity,
+        fits=total / GIB <= capacity,
+        model_flops_per_step=model_flops,
+        hardware_flops_per_step=hw_flops,
+        notes=notes,
+    )
+
+
+def mfu(est: Estimate, chip: Chip, compute_dtype: str = "bfloat16") -> float:
+    peak = chip.peak_flops(compute_dtype) or chip.peak_flops("bfloat16")
+    return est.model_flops_per_step / est.step_time_s / (est.chips * peak)
+
+
+def div_ceil(a: float, b: float) -> int:
+    return int(math.ceil(a / b))

@@ -1,0 +1,104 @@
+"""Readable output for plans, comparisons and validation, and the comparison chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(v: float, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f}{suffix}{unit}"
+    return f"{v:.3g}{unit}"
+
+
+def plan_table(r: dict[str, Any]) -> str:
+    p = r["parallelism"]
+    layout = ", ".join(f"{k}={v}" for k, v in p.items() if v > 1 or k == "microbatch")
+    lines = [
+        f"plan: {r['chips']} x {r['chip']}  ({layout}, remat {r['remat']}; {r['layouts_searched']} layouts searched)",
+        f"  step time        {r['step_time_s']:.3f} s for {r['global_batch']} x {r['seq_len']} tokens",
+        f"  throughput       {_fmt(r['tokens_per_s'])} tokens/s ({r['tokens_per_s_per_chip']:,.0f} per chip), "
+        f"MFU {100 * r['mfu']:.1f}% ({r['model_tflops_per_chip']:.0f} of {r['peak_tflops_per_chip']:.0f} TFLOP/s per chip)",
+        f"  memory per chip  {r['memory_per_chip_gib']:.1f} GiB of {r['memory_capacity_gib']:.1f} usable: "
+        + ("fits" if r["fits"] else "DOES NOT FIT"),
+        "                   " + ", ".join(f"{k} {v:.1f}" for k, v in r["memory_breakdown_gib"].items() if v >= 0.05),
+        f"  time to train    {r['time_to_train_days']:.1f} days for {_fmt(r['tokens'])} tokens ({_fmt(r['steps'])} steps)",
+        f"  chip-hours       {_fmt(r['chip_hours'])}   cost ${_fmt(r['cost_usd'])}   energy {r['energy_mwh']:,.0f} MWh",
+    ]
+    t = r["time_breakdown"]
+    lines.append(
+        f"  step breakdown   compute {t['compute_s']:.3f} s, memory-bound {t['memory_bound_s']:.3f} s, "
+        f"tp {t['tp_exposed_s']:.3f} s exposed, fsdp+dp {t['sharding_exposed_s']:.3f} s exposed, "
+        f"bubble {100 * t['pipeline_bubble']:.0f}%"
+    )
+    lines += [f"  note: {n}" for n in r["notes"]]
+    if "aot" in r:
+        a = r["aot"]
+        lines.append(
+            f"  XLA (AOT, {a['topology']}, {a['proxy']}): {a['memory_per_chip_gib']:.2f} GiB per chip vs planner "
+            f"{a['planner_memory_per_chip_gib']:.2f} GiB for the same program ({100 * a['planner_rel_error']:+.0f}%)"
+        )
+    return "\n".join(lines)
+
+
+def compare_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'chip':>10} {'chips':>6} {'layout':>22} {'step s':>8} {'MFU':>6} {'GiB/chip':>9} {'days':>8} {'cost $':>9} {'MWh':>8}"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['chip']:>10} {r['chips']:>6}  {r['error']}")
+            continue
+        p = r["parallelism"]
+        layout = ",".join(f"{k}{v}" for k, v in p.items() if v > 1 and k != "microbatch") or "-"
+        out.append(
+            f"{r['chip']:>10} {r['chips']:>6} {layout:>22} {r['step_time_s']:>8.2f} {100 * r['mfu']:>5.1f}% "
+            f"{r['memory_per_chip_gib']:>9.1f} {r['time_to_train_days']:>8.1f} {_fmt(r['cost_usd']):>9} {r['energy_mwh']:>8,.0f}"
+        )
+    return "\n".join(out)
+
+
+def compare_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    labels = [f"{r['chip']}\nx{r['chips']}" for r in ok]
+    metrics = [("time_to_train_days", "days to train"), ("cost_usd", "cost (USD)"), ("energy_mwh", "energy (MWh)")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), dpi=110)
+    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
+    for ax, (key, name) in zip(axes, metrics):
+        values = [r[key] for r in ok]
+        bars = ax.bar(labels, values, color=colors[: len(values)])
+        ax.set_title(name)
+        ax.grid(axis="y", alpha=0.3)
+        for bar, v in zip(bars, values):
+            ax.annotate(_fmt(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def cases_table(result: dict[str, Any]) -> str:
+    head = f"{'case':>26} {'metric':>22} {'predicted':>10} {'actual':>10} {'error':>7}  layout"
+    out = [head, "-" * len(head)]
+    for c in result["cases"]:
+        out.append(
+            f"{c['id']:>26} {c['metric']:>22} {c['predicted']:>10.4g} {c['actual']:>10.4g} {100 * c['rel_error']:>+6.1f}%  "
+            f"{c['layout']} ({c['remat']})"
+        )
+    s = result["summary"]
+    out.append(
+        f"{s['count']} cases: median |error| {100 * s['median_abs_rel_error']:.1f}%, mean {100 * s['mean_abs_rel_error']:.1f}%, "
+        f"worst {100 * s['max_abs_rel_error']:.1f}% ({s['worst']})"
+    )
+    return "\n".join(out)

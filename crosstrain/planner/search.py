@@ -1,0 +1,122 @@
+"""Search the layouts (tp, pp, dp, fsdp, cp, microbatch, remat) that fit, fastest or cheapest."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Iterable, Optional
+
+from crosstrain.config import ModelConfig
+from crosstrain.hardware import Chip
+from crosstrain.planner.model import Estimate, Layout, estimate
+
+REMATS = ("none", "selective", "full")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _powers_of_two_dividing(n: int, limit: int = 64) -> list[int]:
+    out, p = [], 1
+    while p <= min(n, limit):
+        if n % p == 0:
+            out.append(p)
+        p *= 2
+    return out
+
+
+def candidate_layouts(
+    m: ModelConfig,
+    chip: Chip,
+    devices: int,
+    global_batch: int,
+    fixed: Optional[dict] = None,
+) -> Iterable[Layout]:
+    """Every layout of `devices` the model and batch allow; `fixed` pins some fields."""
+    fixed = fixed or {}
+    domain = chip.link_domain * chip.devices_per_chip
+
+    def choices(name: str, options: list[int]) -> list[int]:
+        return [fixed[name]] if fixed.get(name) is not None else options
+
+    tps = [t for t in divisors(devices) if t <= 64 and m.heads % t == 0 and (m.kv_heads % t == 0 or t % m.kv_heads == 0)
+           and (t <= domain or t == 1)]
+    for tp in choices("tp", tps):
+        if devices % tp:
+            continue
+        rest_tp = devices // tp
+        pps = [p for p in divisors(rest_tp) if p <= 64 and m.layers % p == 0]
+        for pp in choices("pp", pps):
+            if rest_tp % pp:
+                continue
+            rest_pp = rest_tp // pp
+            cps = [c for c in divisors(rest_pp) if c <= 16 and m.seq_len % c == 0 and (c == 1 or m.seq_len >= 16384)]
+            for cp in choices("cp", cps):
+                if rest_pp % cp:
+                    continue
+                ranks = rest_pp // cp
+                for fsdp in choices("fsdp", divisors(ranks)):
+                    if ranks % fsdp:
+                        continue
+                    dp = ranks // fsdp
+                    if fixed.get("dp") is not None and dp != fixed["dp"]:
+                        continue
+                    if global_batch % (dp * fsdp):
+                        continue
+                    per_rank = global_batch // (dp * fsdp)
+                    micros = _powers_of_two_dividing(per_rank, 16 if pp > 1 else per_rank)
+                    if pp == 1 and per_rank not in micros:
+                        micros.append(per_rank)
+                    for micro in choices("microbatch", micros):
+                        for remat in ([fixed["remat"]] if fixed.get("remat") else REMATS):
+                            yield Layout(tp=tp, pp=pp, dp=dp, fsdp=fsdp, cp=cp, microbatch=micro, remat=remat,
+                                         zero1=bool(fixed.get("zero1", False)),
+                                         virtual_stages=fixed.get("virtual_stages") or 1,
+                                         sequence_parallel=fixed.get("sequence_parallel", True))
+
+
+def search(
+    m: ModelConfig,
+    chip: Chip,
+    devices: int,
+    global_batch: int,
+    *,
+    fixed: Optional[dict] = None,
+    glu: bool = True,
+    compute_dtype: str = "bfloat16",
+    flash: Optional[bool] = None,
+    require_fit: bool = True,
+    power_cap_w: Optional[float] = None,
+) -> tuple[Optional[Estimate], int]:
+    """(fastest fitting estimate or None, number of layouts tried). With require_fit=False the
+    fastest layout is returned even if none fits (fitting ones are still preferred)."""
+    best: Optional[Estimate] = None
+    best_any: Optional[Estimate] = None
+    tried = 0
+    for lay in candidate_layouts(m, chip, devices, global_batch, fixed):
+        tried += 1
+        est = estimate(m, chip, lay, global_batch=global_batch, glu=glu, compute_dtype=compute_dtype, flash=flash,
+                       power_cap_w=power_cap_w)
+        if best_any is None or est.step_time_s < best_any.step_time_s:
+            best_any = est
+        if est.fits and (best is None or est.step_time_s < best.step_time_s):
+            best = est
+    if best is None and not require_fit:
+        best = best_any
+    return best, tried
+
+
+def smallest_memory(
+    m: ModelConfig, chip: Chip, devices: int, global_batch: int, *, fixed: Optional[dict] = None, glu: bool = True
+) -> Optional[Estimate]:
+    """The layout needing the least memory per device (to report a plan that does not fit)."""
+    best = None
+    for lay in candidate_layouts(m, chip, devices, global_batch, fixed):
+        est = estimate(m, chip, lay, global_batch=global_batch, glu=glu)
+        if best is None or est.memory_per_device_gib < best.memory_per_device_gib:
+            best = est
+    return best
+
+
+def with_layout(lay: Layout, **changes) -> Layout:
+    return replace(lay, **changes)

@@ -1,0 +1,165 @@
+"""The accelerator planner: FLOPs, memory, scaling, search, published cases, AOT, CLI."""
+
+import json
+
+import jax
+import pytest
+
+from crosstrain.cli import main
+from crosstrain.config import ModelConfig, load_config
+from crosstrain.flops import flops_per_token
+from crosstrain.hardware import CATALOG, get_chip
+from crosstrain.planner.cases import evaluate_cases, read_cases, shipped_cases_path
+from crosstrain.planner.model import Layout, estimate, total_params
+from crosstrain.planner.plan import Options, plan
+from crosstrain.planner.search import candidate_layouts, search
+from crosstrain.train.loop import init_train_state, make_setup, total_state_bytes
+
+
+def test_flops_for_llama2_7b_by_hand():
+    m = ModelConfig(layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, ffn=11008, vocab=32000,
+                    seq_len=4096, tie_embeddings=False, qk_norm=False)
+    n = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 4096 * 32000  # 6.607B matmul weights
+    assert n == 6_607_077_376
+    assert flops_per_token(m) == 6 * n + 12 * 32 * 32 * 128 * 4096
+    assert flops_per_token(m, attention="causal") == 6 * n + 6 * 32 * 32 * 128 * 4096
+    gpt = ModelConfig(layers=24, hidden=2304, heads=24, kv_heads=24, head_dim=96, ffn=9216, vocab=51200, seq_len=2048)
+    assert flops_per_token(gpt, glu=False) == 6 * (24 * (4 * 2304**2 + 2 * 2304 * 9216) + 2304 * 51200) + 12 * 24 * 24 * 96 * 2048
+
+
+def test_memory_matches_real_arrays_on_cpu():
+    cfg = load_config("tiny", ["mesh.data=1"])
+    setup = make_setup(cfg, jax.devices()[:1])
+    state = init_train_state(setup)
+    real_params_and_opt = total_state_bytes(state) - 8  # minus the step counter and RNG key
+    est = estimate(cfg.model, get_chip("h100-sxm"), Layout(remat="full"), global_batch=8)
+    assert est.memory["params"] + est.memory["optimizer"] == pytest.approx(real_params_and_opt, rel=1e-3)
+    assert total_params(cfg.model) * 4 == pytest.approx(est.memory["params"], rel=1e-9)
+    sharded = estimate(cfg.model, get_chip("h100-sxm"), Layout(fsdp=8, remat="full"), global_batch=8)
+    assert sharded.memory["params"] == pytest.approx(est.memory["params"] / 8)
+
+
+def test_more_chips_never_raise_step_time_for_fixed_work():
+    cfg = load_config("afm-on-device-3b")
+    for name in ("tpu-v5p", "h100-sxm", "trn2"):
+        chip = get_chip(name)
+        previous = None
+        for chips in (64, 128, 256, 512, 1024):
+            devices = chips * chip.devices_per_chip
+            est, _ = search(cfg.model, chip, devices, 4096, fixed={"tp": chip.devices_per_chip, "pp": 1, "cp": 1, "remat": "full"})
+            assert est is not None
+            if previous is not None:
+                assert est.step_time_s <= previous * 1.0001, (name, chips)
+            previous = est.step_time_s
+
+
+def test_search_returns_only_fitting_layouts():
+    cfg = load_config("afm-server-core")
+    chip = get_chip("tpu-v5e")
+    est, tried = search(cfg.model, chip, 256, cfg.train.batch)
+    assert tried > 10 and est is not None and est.fits
+    assert est.memory_per_device_gib <= est.capacity_gib
+    unfit = [lay for lay in candidate_layouts(cfg.model, chip, 256, cfg.train.batch)
+             if not estimate(cfg.model, chip, lay, global_batch=cfg.train.batch).fits]
+    assert unfit  # the search had non-fitting layouts to reject
+
+
+def test_plan_json_fields_and_pinned_layout_that_does_not_fit(capsys):
+    assert main(["plan", "--preset", "afm-on-device-3b", "--chip", "tpu-v5p", "--chips", "256", "--tokens", "6.3T", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in ("step_time_s", "mfu", "tokens_per_s", "memory_per_chip_gib", "fits", "time_to_train_days", "chip_hours",
+                "cost_usd", "energy_mwh", "parallelism", "time_breakdown", "memory_breakdown_gib"):
+        assert key in r
+    assert r["fits"] and 0 < r["mfu"] < 1
+    assert r["chip_hours"] == pytest.approx(256 * r["time_to_train_days"] * 24)
+    assert r["cost_usd"] == pytest.approx(r["chip_hours"] * CATALOG["tpu-v5p"].price_per_hour)
+    assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(4096 * 4096)
+    assert main(["plan", "--preset", "afm-server-core", "--chip", "tpu-v5e", "--chips", "16", "--remat", "none",
+                 "--parallelism", "tp=1,pp=1,dp=16,fsdp=1,cp=1", "--json", "--price", "2"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["fits"] is False and r["price_per_chip_hour"] == 2
+
+
+def test_cost_objective_never_costs_more():
+    cfg = load_config("afm-on-device-3b")
+    fast = plan(cfg, Options(chip="h100-sxm", chips=1024, tokens=1e12))
+    cheap = plan(cfg, Options(chip="h100-sxm", chips=1024, tokens=1e12, objective="cost"))
+    assert cheap["cost_usd"] <= fast["cost_usd"] and cheap["chips"] <= 1024
+
+
+def test_compare_writes_a_chart(tmp_path, capsys):
+    out = tmp_path / "cmp.png"
+    assert main(["plan", "--preset", "afm-server-core", "--tokens", "6.3T", "--out", str(out),
+                 "--compare", "tpu-v4:8192,tpu-v5p:2048,trn2:1024,h100-sxm:2048"]) == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in ("tpu-v4", "tpu-v5p", "trn2", "h100-sxm"))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_published_cases_meet_the_accuracy_targets(tmp_path):
+    rows = read_cases(shipped_cases_path())
+    result = evaluate_cases(shipped_cases_path())
+    assert len(result["cases"]) == len(rows) >= 20
+    for case in result["cases"]:
+        assert case["predicted"] > 0 and set(case) >= {"id", "predicted", "actual", "rel_error"}
+    summary = result["summary"]
+    assert summary["median_abs_rel_error"] <= 0.10
+    assert summary["max_abs_rel_error"] <= 0.25
+
+
+def test_cases_cli_json(capsys):
+    assert main(["plan", "--cases", str(shipped_cases_path()), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"median_abs_rel_error", "max_abs_rel_error"} <= set(out["summary"])
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--preset", "nano", "--chip", "tpu-v9", "--chips", "8"], "unknown chip 'tpu-v9' (known:"),
+        (["--preset", "nano", "--chip", "tpu-v5p", "--chips", "8", "--parallelism", "tp=3"], "does not divide"),
+        (["--preset", "nano", "--chip", "tpu-v5p", "--chips", "8", "--parallelism", "tp=4"], "tp=4 does not divide model.heads"),
+        (["--preset", "nano", "--chip", "tpu-v5p", "--chips", "8", "--parallelism", "pp=4"], "pp=4 does not divide model.layers"),
+        (["--preset", "nano", "--chip", "tpu-v5p", "--chips", "8", "--parallelism", "tq=2"], "is not KEY=N"),
+        (["--preset", "afm-server-core", "--chip", "tpu-v5e", "--chips", "1"], "fits no layout of 1 tpu-v5e"),
+        (["--preset", "nano", "--compare", "tpu-v5p"], "is not CHIP:N"),
+        (["--preset", "nano", "--chip", "tpu-v5p", "--chips", "8", "--tokens", "lots"], "--tokens"),
+        (["--cases", "/no/such.csv"], "--cases: /no/such.csv not found"),
+    ],
+)
+def test_plan_bad_inputs_exit_2(argv, words, capsys):
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+
+
+def test_cases_file_with_missing_column_or_unknown_metric(tmp_path, capsys):
+    bad = tmp_path / "c.csv"
+    bad.write_text("id,chip,chips\nx,tpu-v5p,4\n")
+    assert main(["plan", "--cases", str(bad)]) == 2
+    assert "lacks column" in capsys.readouterr().err
+    text = shipped_cases_path().read_text().splitlines()
+    header, row = text[0], text[1].replace("tflops_per_chip_hw", "joules")
+    bad.write_text(header + "\n" + row + "\n")
+    assert main(["plan", "--cases", str(bad)]) == 2
+    assert "unknown metric 'joules'" in capsys.readouterr().err
+
+
+def _has_libtpu():
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.skipif(not _has_libtpu(), reason="libtpu (the tpu extra) is not installed")
+@pytest.mark.parametrize("remat", ["full", "selective"])
+def test_aot_tpu_memory_agrees_with_the_planner(remat, capsys):
+    assert main(["plan", "--preset", "nano", "--chip", "tpu-v5p", "--chips", "4", "--remat", remat,
+                 "--parallelism", "tp=1,pp=1,dp=1,fsdp=4,cp=1", "--aot", "--json"]) == 0
+    aot = json.loads(capsys.readouterr().out)["aot"]
+    assert aot["topology"] == "v5p:2x2x1" and aot["flops_per_chip_one_layer_program"] > 0
+    assert abs(aot["planner_rel_error"]) <= 0.15
+    # Parameters and Adam moments: 12 bytes per parameter sharded 4 ways, plus TPU tile padding of
+    # small minor dimensions (a [6, 64] slice pads to (8, 128) tiles), 6% for nano.
+    nano = load_config("nano").model
+    assert aot["parameter_and_optimizer_gib"] * 2**30 == pytest.approx(total_params(nano) * 12 / 4, rel=0.10)
