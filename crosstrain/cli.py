@@ -228,6 +228,20 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from crosstrain import log as logsetup
+    from crosstrain.bench import bench, describe
+
+    cfg = _load_config(args)
+    if args.steps < 1:
+        raise UserError(f"--steps: must be >= 1, got {args.steps}")
+    logsetup.setup()
+    _compilation_cache()
+    result = bench(cfg, steps=args.steps)
+    print(json.dumps(result, indent=1) if args.json else describe(result))
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     from crosstrain import log as logsetup
     from crosstrain.data.pipeline import build_pipeline
@@ -277,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aot", action="store_true", help="also compile crosstrain's step for a TPU topology with libtpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("bench", help="measure the train step on this hardware (tokens/s, MFU, overheads)")
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run's latest checkpoint")
     p.add_argument("--run-dir", required=True)

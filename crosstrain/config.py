@@ -41,15 +41,19 @@ class ModelConfig:
     tie_embeddings: bool = True
     qk_norm: bool = True
     norm_eps: float = 1e-6
-    compute_dtype: Dtype = "bfloat16"
+    compute_dtype: Dtype = "bfloat16"  # matmul inputs (accumulation is always fp32)
     param_dtype: Dtype = "float32"
+    # Activations between matmuls. "auto": fp32 on a CPU, where XLA has no native bf16 arithmetic
+    # and every bf16 activation costs conversions (docs/performance.md); the compute dtype on
+    # accelerators, where bf16 activations halve activation memory.
+    activation_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # Activation recomputation in the backward pass: keep everything, keep only matmul outputs,
     # or keep only each layer's input.
     remat: Literal["none", "selective", "full"] = "none"
     # lax.scan over stacked layers compiles once per layer shape; unrolled lets XLA fuse across.
     scan_layers: bool = True
     # Attention kernel; "auto" takes the first available for the backend (model/attention.py).
-    attention: Literal["auto", "reference", "xla", "cudnn"] = "auto"
+    attention: Literal["auto", "reference", "fused", "xla", "cudnn"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -529,6 +533,7 @@ RESUMABLE_KEYS = {
     "model.remat",
     "model.scan_layers",
     "model.attention",
+    "model.activation_dtype",
 }
 
 

@@ -152,14 +152,28 @@ def _has_libtpu():
 
 
 @pytest.mark.skipif(not _has_libtpu(), reason="libtpu (the tpu extra) is not installed")
-@pytest.mark.parametrize("remat", ["full", "selective"])
+@pytest.mark.parametrize("remat", ["full", "selective", "none"])
 def test_aot_tpu_memory_agrees_with_the_planner(remat, capsys):
     assert main(["plan", "--preset", "nano", "--chip", "tpu-v5p", "--chips", "4", "--remat", remat,
                  "--parallelism", "tp=1,pp=1,dp=1,fsdp=4,cp=1", "--aot", "--json"]) == 0
     aot = json.loads(capsys.readouterr().out)["aot"]
-    assert aot["topology"] == "v5p:2x2x1" and aot["flops_per_chip_one_layer_program"] > 0
-    assert abs(aot["planner_rel_error"]) <= 0.15
+    assert aot["topology"] == "v5p:2x2x1" and aot["flops_per_chip"] > 0
+    assert abs(aot["planner_rel_error"]) <= 0.20
     # Parameters and Adam moments: 12 bytes per parameter sharded 4 ways, plus TPU tile padding of
     # small minor dimensions (a [6, 64] slice pads to (8, 128) tiles), 6% for nano.
     nano = load_config("nano").model
     assert aot["parameter_and_optimizer_gib"] * 2**30 == pytest.approx(total_params(nano) * 12 / 4, rel=0.10)
+
+
+@pytest.mark.skipif(not _has_libtpu(), reason="libtpu (the tpu extra) is not installed")
+def test_aot_reports_a_program_that_cannot_fit_instead_of_failing(capsys):
+    # 64 sequences of 8192 tokens per chip without recomputation: crosstrain's reference attention
+    # alone needs 64 x 6 heads x 8192^2 fp32 scores, far past a v5p's 95 GiB.
+    argv = ["plan", "--preset", "nano", "--chip", "tpu-v5p", "--chips", "4", "--set", "model.seq_len=8192",
+            "--set", "train.batch=256", "--parallelism", "tp=1,pp=1,dp=1,fsdp=4,cp=1", "--remat", "none", "--aot"]
+    assert main(argv + ["--json"]) == 0
+    aot = json.loads(capsys.readouterr().out)["aot"]
+    assert aot["fits"] is False and aot["memory_per_chip_gib"] is None
+    assert aot["xla_required_gib"] > aot["capacity_gib"] and aot["planner_memory_per_chip_gib"] > aot["capacity_gib"]
+    assert main(argv) == 0
+    assert "does not fit" in capsys.readouterr().out

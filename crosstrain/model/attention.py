@@ -34,6 +34,12 @@ def reference_attention(q, k, v, *, q_pos, kv_pos):
     return out.reshape(b, s, h, d).astype(q.dtype)
 
 
+def fused_reference_attention(q, k, v, *, q_pos, kv_pos):
+    from crosstrain.model.fused import causal_gqa_attention
+
+    return causal_gqa_attention(q, k, v)
+
+
 def _causal_self(q, k, q_pos, kv_pos) -> bool:
     # Fused kernels below only take the plain causal mask of training (positions 0..n-1).
     return q.shape[1] == k.shape[1] and q_pos is kv_pos
@@ -55,6 +61,8 @@ class Impl:
 
 IMPLS: dict[str, Impl] = {
     "reference": Impl(reference_attention, lambda q, k, q_pos, kv_pos: True),
+    # The reference with a hand-written backward (model/fused.py): training's causal self-attention.
+    "fused": Impl(fused_reference_attention, _causal_self),
     "xla": Impl(xla_attention, _causal_self),
     "cudnn": Impl(
         cudnn_attention,
@@ -70,7 +78,7 @@ IMPLS: dict[str, Impl] = {
 PRIORITY: dict[str, tuple[str, ...]] = {
     "gpu": ("cudnn", "reference"),
     "tpu": ("reference",),
-    "cpu": ("reference",),
+    "cpu": ("fused", "reference"),
 }
 
 

@@ -16,9 +16,11 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from crosstrain.config import ModelConfig, dtype_of
 from crosstrain.model.attention import attention
+from crosstrain.model.fused import output_cross_entropy, qkv_projection, swiglu_mlp
 from crosstrain.parallel.rules import constrain
 
 Params = dict[str, Any]
@@ -49,20 +51,33 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def _dense(spec: str, x: jax.Array, w: jax.Array, cdt) -> jax.Array:
+def activation_dtype(cfg: ModelConfig):
+    if cfg.activation_dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else dtype_of(cfg.compute_dtype)
+    return dtype_of(cfg.activation_dtype)
+
+
+def _dense(spec: str, x: jax.Array, w: jax.Array, cdt, adt) -> jax.Array:
+    """Matmul inputs in the compute dtype, fp32 accumulation, result in the activation dtype."""
     y = jnp.einsum(spec, x.astype(cdt), w.astype(cdt), preferred_element_type=jnp.float32)
-    return y.astype(cdt)
+    return y.astype(adt)
 
 
 def _block(cfg: ModelConfig, x, p, cos, sin, q_pos, kv_pos, cache_kv, start_pos):
     """One pre-norm decoder layer. Returns the new residual stream and, when decoding, the
     layer's updated (k, v) cache."""
     cdt = dtype_of(cfg.compute_dtype)
+    adt = activation_dtype(cfg)
     eps = cfg.norm_eps
     h = rms_norm(x, p["attn_norm"], eps)
-    q = _dense("bsd,dhk->bshk", h, p["wq"], cdt)
-    k = _dense("bsd,dhk->bshk", h, p["wk"], cdt)
-    v = _dense("bsd,dhk->bshk", h, p["wv"], cdt)
+    b, s, d = h.shape
+    q, k, v = qkv_projection(
+        h.reshape(b * s, d).astype(cdt),
+        *(p[name].reshape(d, -1).astype(cdt) for name in ("wq", "wk", "wv")),
+    )
+    q = checkpoint_name(q.reshape(b, s, cfg.heads, cfg.head_dim).astype(adt), "qkv")
+    k = checkpoint_name(k.reshape(b, s, cfg.kv_heads, cfg.head_dim).astype(adt), "qkv")
+    v = checkpoint_name(v.reshape(b, s, cfg.kv_heads, cfg.head_dim).astype(adt), "qkv")
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"], eps)
         k = rms_norm(k, p["k_norm"], eps)
@@ -75,18 +90,21 @@ def _block(cfg: ModelConfig, x, p, cos, sin, q_pos, kv_pos, cache_kv, start_pos)
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start_pos, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start_pos, 0, 0))
         new_cache = (ck, cv)
-        k, v = ck.astype(cdt), cv.astype(cdt)
-    o = attention(q, k, v, q_pos=q_pos, kv_pos=kv_pos, impl=cfg.attention)
-    x = x + _dense("bshk,hkd->bsd", o, p["wo"], cdt)
+        k, v = ck.astype(adt), cv.astype(adt)
+    o = attention(q.astype(cdt), k.astype(cdt), v.astype(cdt), q_pos=q_pos, kv_pos=kv_pos, impl=cfg.attention)
+    o = checkpoint_name(o, "attn_out")
+    x = x + checkpoint_name(_dense("bshk,hkd->bsd", o, p["wo"], cdt, adt), "attn_proj")
     x = constrain(x, ("batch", "length", "act_embed"))
 
     h = rms_norm(x, p["mlp_norm"], eps)
-    gate = _dense("bsd,df->bsf", h, p["w_gate"], cdt)
-    up = _dense("bsd,df->bsf", h, p["w_up"], cdt)
-    act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    x = x + _dense("bsf,fd->bsd", act, p["w_down"], cdt)
+    mlp_out = swiglu_mlp(h.reshape(b * s, d).astype(cdt), p["w_gate"].astype(cdt), p["w_up"].astype(cdt),
+                         p["w_down"].astype(cdt))
+    x = x + mlp_out.reshape(b, s, d).astype(adt)
     x = constrain(x, ("batch", "length", "act_embed"))
     return x, new_cache
+
+
+SELECTIVE_SAVED = ("qkv", "attn_out", "attn_proj", "mlp_gate", "mlp_up")
 
 
 def _remat(fn, policy: str):
@@ -94,9 +112,11 @@ def _remat(fn, policy: str):
         return fn
     if policy == "full":
         return jax.checkpoint(fn)
-    # "selective": keep the outputs of the weight matmuls, recompute the attention scores,
-    # softmax and elementwise work (Korthikanti et al. 2022).
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    # "selective": keep the outputs of the weight matmuls in the activation dtype (q/k/v, the
+    # attention output and its projection, the MLP gate and up), recompute norms, RoPE, the
+    # attention scores and softmax and the elementwise work (Korthikanti et al. 2022). Named
+    # rather than "every dot": a dot's fp32 accumulator would be saved at twice the bytes.
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*SELECTIVE_SAVED))
 
 
 def decoder(
@@ -112,12 +132,11 @@ def decoder(
     With `cache` (from `init_cache`), keys and values of these tokens are written at
     `start_pos`, attention runs against every cached position, and the updated cache is returned.
     """
-    cdt = dtype_of(cfg.compute_dtype)
     # A row lookup cannot be served from a sharded table without moving the fsdp axis from the
     # model width to the batch (an all-to-all GSPMD will not plan): all-gather the table first,
     # as FSDP does for every weight before use.
     table = constrain(params["embed"], (None, None))
-    x = jnp.take(table, tokens, axis=0).astype(cdt)
+    x = jnp.take(table, tokens, axis=0).astype(activation_dtype(cfg))
     x = constrain(x, ("batch", "length", "act_embed"))
     q_pos = start_pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     kv_pos = q_pos if cache is None else jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
@@ -175,10 +194,14 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
 def token_losses(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Per-position next-token cross-entropy [batch, len-1] for sequences `tokens` [batch, len]."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = forward(params, inputs, cfg)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return logz - target_logit
+    hidden, _ = decoder(params, inputs, cfg)
+    cdt = dtype_of(cfg.compute_dtype)
+    b, s, d = hidden.shape
+    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    losses = output_cross_entropy(
+        hidden.reshape(b * s, d).astype(cdt), w.astype(cdt), targets.reshape(b * s), tied=cfg.tie_embeddings
+    )
+    return losses.reshape(b, s)
 
 
 def loss_fn(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:

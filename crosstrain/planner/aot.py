@@ -2,16 +2,19 @@
 
 libtpu (the `tpu` extra) compiles for TPU devices that are not present: the compiled program
 reports XLA's per-chip memory (arguments + temporaries + outputs not aliased to donated inputs) and
-FLOPs. A full-size model may take long to compile, so the step is compiled as a proxy with 1 and 2
-layers (a scanned layer is compiled once whatever the depth) on a topology of at most 64 chips, and
-the memory is extrapolated linearly in the number of layers; the planner is evaluated on exactly
-that proxy program, so the two numbers compare like with like.
+FLOPs. The step is compiled at the model's real depth with scanned layers (the layer body compiles
+once whatever the depth, so this costs no more than a shallow proxy; 1- and 2-layer programs were
+tried and XLA's buffer assignment is not linear enough at small depths to extrapolate from them),
+and again one layer shallower for the per-layer figure, on a slice of at most 64 chips with the
+plan's per-rank batch. The planner is evaluated on exactly that program, so the two numbers
+compare like with like.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 from crosstrain.config import Config
@@ -67,10 +70,28 @@ def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: in
     micro = parallelism.get("microbatch", per_rank)
     ranks = mesh["data"] * mesh["fsdp"]
     batch = micro * ranks
+    L = cfg.model.layers
+    lay = Layout(tp=mesh["tensor"], dp=mesh["data"], fsdp=mesh["fsdp"], microbatch=micro, remat=remat, sequence_parallel=False)
+    planner = estimate(dataclasses.replace(cfg.model, remat=remat), chip, lay, global_batch=batch, flash=False,
+                       implementation="crosstrain")
+    planner_bytes = sum(v for k, v in planner.memory.items() if k != "reserved")
+    out: dict[str, Any] = {
+        "topology": topo_name,
+        "proxy": f"{n} chips, mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}, {micro} sequences "
+                 f"per rank, {L} scanned layers, remat {remat}",
+        "planner_memory_per_chip_gib": planner_bytes / GIB,
+        "capacity_gib": chip.hbm_gib,
+    }
     results = {}
-    for layers in (1, 2):
+    for layers in (L, L - 1) if L > 1 else (1, 2):
         raw = cfg.to_dict()
-        raw["model"].update({"layers": layers, "remat": remat})
+        # Compile what a TPU would run: scanned layers, the TPU's attention choice and activation
+        # dtype rather than this CPU host's "auto" picks.
+        raw["model"].update({"layers": layers, "remat": remat, "scan_layers": True})
+        if raw["model"].get("attention", "auto") == "auto":
+            raw["model"]["attention"] = "reference"
+        if raw["model"].get("activation_dtype", "auto") == "auto":
+            raw["model"]["activation_dtype"] = raw["model"]["compute_dtype"]
         raw["train"].update({"batch": batch, "microbatches": 1})
         raw["mesh"] = {**mesh, "rule": "none"}
         raw["data"] = {}
@@ -80,30 +101,31 @@ def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: in
             step = jax.jit(make_train_step(proxy), in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated),
                            out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=(0,))
             batch_struct = jax.ShapeDtypeStruct((batch, proxy.model.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
-            compiled = step.lower(abstract_train_state(setup), batch_struct, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+            try:
+                compiled = step.lower(abstract_train_state(setup), batch_struct, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                # The compiler refuses a program that cannot fit: that is the answer, not a failure.
+                found = re.search(r"required for ([^(]*)\(([\d.]+)([KMGT])", str(e))
+                need = float(found.group(2)) * 1024 ** "KMGT".index(found.group(3)) / 1024**2 if found else None
+                return {**out, "fits": False, "memory_per_chip_gib": None, "planner_rel_error": None,
+                        "xla_required_gib": need,
+                        "xla_error": f"{found.group(1).strip() if found else 'the program'} need "
+                                     f"{need if need is None else round(need, 2)} GiB, more than the chip's HBM"}
         ma = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         total = ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
         results[layers] = (total, ma.argument_size_in_bytes, float(cost.get("flops", 0.0)))
-    per_layer = results[2][0] - results[1][0]
-    L = cfg.model.layers
-    memory = results[1][0] + (L - 1) * per_layer
-    lay = Layout(tp=mesh["tensor"], dp=mesh["data"], fsdp=mesh["fsdp"], microbatch=micro, remat=remat, sequence_parallel=False)
-    proxy_cfg = dataclasses.replace(cfg.model, remat=remat)
-    planner = estimate(proxy_cfg, chip, lay, global_batch=batch, flash=False, implementation="crosstrain")
-    planner_bytes = sum(v for k, v in planner.memory.items() if k != "reserved")
+    deeper, shallower = max(results), min(results)
+    memory = results[L][0]
     return {
-        "topology": topo_name,
-        "proxy": f"{n} chips, mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}, {micro} sequences "
-                 f"per rank, 1 and 2 layers extrapolated to {L}",
+        **out,
         "memory_per_chip_gib": memory / GIB,
-        "memory_one_layer_gib": results[1][0] / GIB,
-        "memory_per_layer_gib": per_layer / GIB,
-        "parameter_and_optimizer_gib": (results[1][1] + (L - 1) * (results[2][1] - results[1][1])) / GIB,
-        "flops_per_chip_one_layer_program": results[1][2],
-        "planner_memory_per_chip_gib": planner_bytes / GIB,
+        "memory_per_layer_gib": (results[deeper][0] - results[shallower][0]) / GIB,
+        "parameter_and_optimizer_gib": results[L][1] / GIB,
+        "flops_per_chip": results[L][2],
         "planner_rel_error": (planner_bytes - memory) / memory,
         "fits": memory <= chip.hbm_gib * GIB,
-        "capacity_gib": chip.hbm_gib,
     }

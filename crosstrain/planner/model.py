@@ -151,11 +151,12 @@ def total_params(m: ModelConfig, glu: bool = True) -> float:
 
 
 # crosstrain's own step (reference attention, fp32 norms/RoPE/softmax, no sequence parallelism)
-# keeps more than the bf16 minimum when nothing is recomputed. Measured with XLA's TPU memory
-# analysis of the compiled step (v5p, two model widths, two sequence lengths): 7.1 bytes per
-# activation element (3.5 bf16 copies) and 16 bytes per attention-score element, per token and layer.
-CROSSTRAIN_NONE_BYTES_PER_ELEMENT = 7.1
-CROSSTRAIN_SCORE_BYTES = 16.0
+# keeps more than the bf16 minimum when nothing is recomputed. Least-squares fit to XLA's TPU memory
+# analysis of the compiled step (v5p, fsdp=4, 4 layers, widths 384/768, sequences 256/512;
+# docs/planner.md): 5.0 bytes per activation element (2.5 bf16 copies) and 6.3 bytes per
+# attention-score element, per token and layer.
+CROSSTRAIN_NONE_BYTES_PER_ELEMENT = 5.0
+CROSSTRAIN_SCORE_BYTES = 6.3
 
 
 def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool, glu: bool = True,
@@ -178,6 +179,10 @@ def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool
     # scores and the elementwise chain are recomputed.
     selective = BF16 * (4 * m.hidden / h_div + (2 * m.heads + 2 * m.kv_heads) * hd / tp + (3 if glu else 2) * m.ffn / tp)
     if implementation == "crosstrain":
+        # crosstrain's selective policy saves by name (model/transformer.py SELECTIVE_SAVED): q, k,
+        # v, the attention output and its projection, the MLP gate and up; the layer input is the
+        # scan carry.
+        selective = BF16 * (2 * m.hidden / h_div + (2 * m.heads + 2 * m.kv_heads) * hd / tp + 2 * m.ffn / tp)
         elements = 4 * m.hidden / h_div + (4 * m.heads + 4 * m.kv_heads) * hd / tp + (4 if glu else 2) * m.ffn / tp
         full_layer = (CROSSTRAIN_NONE_BYTES_PER_ELEMENT * elements
                       + CROSSTRAIN_SCORE_BYTES * m.heads * (m.seq_len / lay.cp) / tp)

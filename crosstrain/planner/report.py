@@ -38,6 +38,10 @@ def plan_table(r: dict[str, Any]) -> str:
     lines += [f"  note: {n}" for n in r["notes"]]
     if "aot" in r:
         a = r["aot"]
+        if a["memory_per_chip_gib"] is None:
+            lines.append(f"  XLA (AOT, {a['topology']}, {a['proxy']}): does not fit: {a['xla_error']} "
+                         f"({a['capacity_gib']} GiB); planner {a['planner_memory_per_chip_gib']:.2f} GiB for the same program")
+            return "\n".join(lines)
         lines.append(
             f"  XLA (AOT, {a['topology']}, {a['proxy']}): {a['memory_per_chip_gib']:.2f} GiB per chip vs planner "
             f"{a['planner_memory_per_chip_gib']:.2f} GiB for the same program ({100 * a['planner_rel_error']:+.0f}%)"

@@ -1,0 +1,155 @@
+"""crosstrain against the PyTorch peer users would pick, side by side in one run, on the `nano` shape.
+
+The peer is transformers' Qwen3ForCausalLM of the identical shape (RMSNorm, QK-norm, GQA, SwiGLU,
+RoPE, tied embeddings) trained with torch.optim.AdamW, eager and torch.compile, fp32 and bf16
+autocast. Both sides do the same work per step: the same 8 x 256 tokens, forward, backward,
+global-norm clipping to 1.0 and an AdamW update of fp32 master weights.
+
+    python benchmarks/peers.py [--steps 10] [--json] [--skip-compile]
+
+Prints tokens/s for each configuration and the ratios the performance targets are stated in:
+crosstrain fp32 / peer eager fp32 (target >= 1.5), crosstrain best / peer best (target >= 1), and
+crosstrain's achieved model FLOP/s against this machine's fp32 matmul ceiling (target >= 0.6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def crosstrain_rate(dtype: str, tokens, steps: int) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    from crosstrain.config import load_config
+    from crosstrain.model import init_params
+    from crosstrain.train.step import init_state, make_train_step
+
+    cfg = load_config("nano", [f"model.compute_dtype={dtype}"])
+    state = init_state(init_params(cfg.model, jax.random.key(0)))
+    step = jax.jit(make_train_step(cfg), donate_argnums=(0,))
+    batch = jnp.asarray(tokens, jnp.int32)
+    for _ in range(2):
+        state, m = step(state, batch, 0)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, m = step(state, batch, 0)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return (tokens.shape[0] * (tokens.shape[1] - 1)) / times[len(times) // 2]
+
+
+def torch_rate(dtype: str, compiled: bool, tokens, steps: int) -> float:
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from crosstrain.config import load_config
+
+    torch.manual_seed(0)
+    m = load_config("nano").model
+    config = Qwen3Config(
+        vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.ffn, num_hidden_layers=m.layers,
+        num_attention_heads=m.heads, num_key_value_heads=m.kv_heads, head_dim=m.head_dim,
+        max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_base}, attention_dropout=0.0,
+    )
+    config._attn_implementation = "sdpa"
+    model = Qwen3ForCausalLM(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4)
+    ids = torch.as_tensor(tokens, dtype=torch.long)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+
+    def loss_fn():
+        logits = model(input_ids=inputs).logits
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    forward = torch.compile(loss_fn) if compiled else loss_fn
+
+    def one_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=(dtype == "bfloat16")):
+            loss = forward()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(3 if compiled else 2):
+        one_step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return (tokens.shape[0] * (tokens.shape[1] - 1)) / times[len(times) // 2]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--skip-compile", action="store_true", help="skip torch.compile (it takes minutes on 2 cores)")
+    args = ap.parse_args()
+
+    import numpy as np
+
+    from crosstrain.config import load_config
+    from crosstrain.flops import flops_per_token
+    from crosstrain.hardware import cpu_matmul_ceiling
+
+    nano = load_config("nano")
+    tokens = np.random.default_rng(0).integers(0, nano.model.vocab, size=(nano.train.batch, nano.model.seq_len + 1))
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    ceiling = cpu_matmul_ceiling(refresh=True)
+    rates = {
+        "crosstrain_fp32": crosstrain_rate("float32", tokens, args.steps),
+        "crosstrain_bf16": crosstrain_rate("bfloat16", tokens, args.steps),
+        "peer_eager_fp32": torch_rate("float32", False, tokens, args.steps),
+        "peer_eager_bf16": torch_rate("bfloat16", False, tokens, args.steps),
+    }
+    if not args.skip_compile:
+        rates["peer_compile_fp32"] = torch_rate("float32", True, tokens, args.steps)
+        rates["peer_compile_bf16"] = torch_rate("bfloat16", True, tokens, args.steps)
+    fpt = flops_per_token(nano.model)
+    ours_best = max(rates["crosstrain_fp32"], rates["crosstrain_bf16"])
+    peer_best = max(v for k, v in rates.items() if k.startswith("peer"))
+    result = {
+        "tokens_per_s": rates,
+        "ratios": {
+            "crosstrain_fp32_over_peer_eager_fp32": rates["crosstrain_fp32"] / rates["peer_eager_fp32"],
+            "crosstrain_best_over_peer_best": ours_best / peer_best,
+            "crosstrain_fp32_flops_over_fp32_ceiling": rates["crosstrain_fp32"] * fpt / (ceiling["fp32"] * 1e12),
+            "crosstrain_bf16_flops_over_bf16_ceiling": rates["crosstrain_bf16"] * fpt / (ceiling["bf16"] * 1e12),
+        },
+        "matmul_ceiling_tflops": ceiling,
+        "model_flops_per_token": fpt,
+        "targets": {"crosstrain_fp32_over_peer_eager_fp32": 1.5, "crosstrain_best_over_peer_best": 1.0,
+                    "crosstrain_fp32_flops_over_fp32_ceiling": 0.6},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in rates.items():
+            print(f"{k:>20}: {v:8,.0f} tokens/s   {v * fpt / 1e9:6.1f} GFLOP/s")
+        print(f"matmul ceiling: fp32 {ceiling['fp32'] * 1e3:.0f} GFLOP/s, bf16->fp32 {ceiling['bf16'] * 1e3:.0f} GFLOP/s")
+        for k, v in result["ratios"].items():
+            target = result["targets"].get(k)
+            print(f"{k:>42}: {v:5.2f}" + (f"   (target >= {target})" if target else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
