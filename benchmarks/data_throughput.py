@@ -21,6 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from crosstrain.platform import skip_absent_tpu  # noqa: E402
+
+skip_absent_tpu()
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()

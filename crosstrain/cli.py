@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from crosstrain.errors import UserError
+from crosstrain.platform import skip_absent_tpu
 
 _STARTED = time.perf_counter()
 
@@ -346,23 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _skip_absent_tpu() -> None:
-    """With libtpu installed (the `tpu` extra, for ahead-of-time TPU compiles) on a machine without
-    TPU devices, JAX's backend probe prints libtpu warnings and waits; use the CPU directly. Only
-    when the user chose no platform and no CUDA plugin is installed."""
-    import importlib.util
-
-    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
-        return
-    if any(Path("/dev").glob("accel*")) or Path("/dev/vfio").is_dir():
-        return
-    if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
-        return
-    os.environ["JAX_PLATFORMS"] = "cpu"
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    _skip_absent_tpu()
+    skip_absent_tpu()
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
