@@ -158,7 +158,9 @@ def test_aot_tpu_memory_agrees_with_the_planner(remat, capsys):
                  "--parallelism", "tp=1,pp=1,dp=1,fsdp=4,cp=1", "--aot", "--json"]) == 0
     aot = json.loads(capsys.readouterr().out)["aot"]
     assert aot["topology"] == "v5p:2x2x1" and aot["flops_per_chip"] > 0
-    assert abs(aot["planner_rel_error"]) <= 0.20
+    # Within 15% for full and no recomputation (measured -1.7% and -2.5%); selective measured -15.3%:
+    # XLA keeps about twice the bytes of the named residuals there (docs/planner.md).
+    assert abs(aot["planner_rel_error"]) <= (0.20 if remat == "selective" else 0.15)
     # Parameters and Adam moments: 12 bytes per parameter sharded 4 ways, plus TPU tile padding of
     # small minor dimensions (a [6, 64] slice pads to (8, 128) tiles), 6% for nano.
     nano = load_config("nano").model
