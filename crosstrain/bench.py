@@ -24,8 +24,7 @@ from crosstrain.data.pipeline import build_pipeline
 from crosstrain.flops import CROSSTRAIN_CONVENTION, flops_per_token
 from crosstrain.parallel.mesh import apply_mesh_rule
 from crosstrain.parallel.rules import activate
-from crosstrain.train.loop import global_batch_array, init_train_state, make_setup, process_rows, total_peak_flops
-from crosstrain.train.step import make_train_step
+from crosstrain.train.loop import compile_train_step, global_batch_array, init_train_state, make_setup, process_rows, total_peak_flops
 
 
 def predicted_step_time(cfg: Config, setup, devices) -> tuple[float | None, str]:
@@ -61,15 +60,8 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4) -> 
         rows = process_rows(setup)
         batches = pipeline.batches(rows)
         state = init_train_state(setup)
-        step_fn = jax.jit(
-            make_train_step(cfg),
-            in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated),
-            out_shardings=(setup.state_shardings, setup.replicated),
-            donate_argnums=(0,),
-        )
-        batch_struct = jax.ShapeDtypeStruct((t.batch, m.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch_struct, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+        compiled = compile_train_step(cfg, setup, state)
         compile_s = time.perf_counter() - t0
 
         def run(n: int) -> tuple[float, float, float]:

@@ -46,16 +46,25 @@ def _proxy_mesh(parallelism: dict[str, int], chips: int) -> tuple[int, dict[str,
     return n, {"data": data, "fsdp": fsdp, "tensor": tp}
 
 
+def _refusal(message: str) -> dict[str, Any]:
+    """What XLA said it needed when it refused to compile, e.g. "... the total memory required for
+    HLO temporaries (153.67G) exceeds available HBM (95.74G)"."""
+    found = re.search(r"required for ([^(]*)\(([\d.]+)([KMGT])", message)
+    if not found:
+        return {"xla_required_gib": None, "xla_error": message.strip().splitlines()[0][:200]}
+    need = float(found.group(2)) * 1024 ** ("KMGT".index(found.group(3)) - 2)
+    return {"xla_required_gib": need,
+            "xla_error": f"{found.group(1).strip()} need {need:.2f} GiB, more than the chip's HBM"}
+
+
 def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: int, remat: str) -> dict[str, Any]:
     import jax
-    import jax.numpy as jnp
     from jax.experimental import topologies
 
     from crosstrain.config import config_from_dict
     from crosstrain.parallel.rules import activate
     from crosstrain.planner.model import Layout, estimate
-    from crosstrain.train.loop import abstract_train_state, make_setup
-    from crosstrain.train.step import make_train_step
+    from crosstrain.train.loop import abstract_train_state, compile_train_step, make_setup
 
     if chip.name not in TOPOLOGIES:
         raise UserError(f"--aot: ahead-of-time compilation is for TPU chips ({', '.join(TOPOLOGIES)}), not {chip.name}")
@@ -98,21 +107,14 @@ def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: in
         proxy = config_from_dict(raw)
         setup = make_setup(proxy, devices)
         with activate(setup.mesh):
-            step = jax.jit(make_train_step(proxy), in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated),
-                           out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=(0,))
-            batch_struct = jax.ShapeDtypeStruct((batch, proxy.model.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
             try:
-                compiled = step.lower(abstract_train_state(setup), batch_struct, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+                compiled = compile_train_step(proxy, setup, abstract_train_state(setup))
             except jax.errors.JaxRuntimeError as e:
                 if "RESOURCE_EXHAUSTED" not in str(e):
                     raise
                 # The compiler refuses a program that cannot fit: that is the answer, not a failure.
-                found = re.search(r"required for ([^(]*)\(([\d.]+)([KMGT])", str(e))
-                need = float(found.group(2)) * 1024 ** "KMGT".index(found.group(3)) / 1024**2 if found else None
                 return {**out, "fits": False, "memory_per_chip_gib": None, "planner_rel_error": None,
-                        "xla_required_gib": need,
-                        "xla_error": f"{found.group(1).strip() if found else 'the program'} need "
-                                     f"{need if need is None else round(need, 2)} GiB, more than the chip's HBM"}
+                        **_refusal(str(e))}
         ma = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost

@@ -104,6 +104,20 @@ def state_from_run(setup: Setup, source: Path) -> TrainState:
     return fn(src_state.params)
 
 
+def compile_train_step(cfg: Config, setup: Setup, state: TrainState):
+    """The train step jitted with the mesh's shardings (state donated) and compiled ahead of time
+    for `state` (concrete or abstract) and a global batch of token ids; call inside `activate`."""
+    step_fn = jax.jit(
+        make_train_step(cfg),
+        in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated),
+        out_shardings=(setup.state_shardings, setup.replicated),
+        donate_argnums=(0,),
+    )
+    batch_struct = jax.ShapeDtypeStruct((cfg.train.batch, cfg.model.seq_len + 1), jnp.int32,
+                                        sharding=setup.batch_sharding)
+    return step_fn.lower(state, batch_struct, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+
+
 def process_rows(setup: Setup) -> tuple[int, int]:
     """The rows [lo, hi) of the global batch that this process's devices hold."""
     shape = (setup.cfg.train.batch, setup.cfg.model.seq_len + 1)
@@ -333,20 +347,13 @@ class Trainer:
             "parameters + optimizer state: %.2f MiB per device (%.2f MiB unsharded, fsdp=%d, tensor=%d)",
             self.state_bytes / 2**20, total_state_bytes(state) / 2**20, setup.mesh.shape["fsdp"], setup.mesh.shape["tensor"],
         )
-        step_fn = jax.jit(
-            make_train_step(cfg),
-            in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated),
-            out_shardings=(setup.state_shardings, setup.replicated),
-            donate_argnums=(0,),
-        )
         self.eval_fn = jax.jit(
             lambda params, batch: loss_fn(params, batch, m),
             in_shardings=(setup.state_shardings.params, setup.batch_sharding),
             out_shardings=setup.replicated,
         )
-        batch_struct = jax.ShapeDtypeStruct((t.batch, m.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
         t0 = time.perf_counter()
-        self.compiled = step_fn.lower(state, batch_struct, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+        self.compiled = compile_train_step(cfg, setup, state)
         self.ledger.current.compile_s += time.perf_counter() - t0
         log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
         log.info(self.peak_note)
