@@ -54,6 +54,10 @@ class ModelConfig:
     scan_layers: bool = True
     # Attention kernel; "auto" takes the first available for the backend (model/attention.py).
     attention: Literal["auto", "reference", "fused", "xla", "cudnn"] = "auto"
+    # Transposed operands of the hand-written backward GEMMs (model/fused.py): "fold" leaves them
+    # to the compiler, "copy" makes a row-major copy first (XLA CPU runs bf16 GEMMs only on
+    # row-major operands); "auto": copy on a CPU backend.
+    dot_transposes: Literal["auto", "fold", "copy"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -534,6 +538,7 @@ RESUMABLE_KEYS = {
     "model.scan_layers",
     "model.attention",
     "model.activation_dtype",
+    "model.dot_transposes",
 }
 
 

@@ -146,8 +146,10 @@ def test_params_sha256_is_stable_and_sensitive():
     assert params_sha256(bumped) != params_sha256(p)
 
 
-def test_hand_written_gradients_equal_autodiff():
-    from crosstrain.model.fused import output_cross_entropy, swiglu_mlp
+@pytest.mark.parametrize("copy", [False, True])
+def test_hand_written_gradients_equal_autodiff(copy):
+    """Both ways of feeding transposed operands to the backward GEMMs (ModelConfig.dot_transposes)."""
+    from crosstrain.model.fused import output_cross_entropy, qkv_projection, swiglu_mlp
 
     rng = np.random.default_rng(0)
     h = jnp.asarray(rng.normal(size=(12, 16)), jnp.float32)
@@ -158,10 +160,19 @@ def test_hand_written_gradients_equal_autodiff():
     def plain_mlp(h, wg, wu, wd):
         return (jax.nn.silu(h @ wg) * (h @ wu)) @ wd
 
-    ours = jax.vjp(swiglu_mlp, h, wg, wu, wd)
+    ours = jax.vjp(lambda *a: swiglu_mlp(*a, copy_transposes=copy), h, wg, wu, wd)
     want = jax.vjp(plain_mlp, h, wg, wu, wd)
     np.testing.assert_allclose(ours[0], want[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(ours[1](dy), want[1](dy)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    wq, wk, wv = (jnp.asarray(rng.normal(size=(16, m)) * 0.3, jnp.float32) for m in (8, 4, 4))
+    dq, dk, dv = (jnp.asarray(rng.normal(size=(12, m)), jnp.float32) for m in (8, 4, 4))
+    ours = jax.vjp(lambda *a: qkv_projection(*a, copy_transposes=copy), h, wq, wk, wv)
+    want = jax.vjp(lambda h, wq, wk, wv: (h @ wq, h @ wk, h @ wv), h, wq, wk, wv)
+    for a, b in zip(ours[0], want[0]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours[1]((dq, dk, dv)), want[1]((dq, dk, dv))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
     targets = jnp.asarray(rng.integers(0, 30, size=12), jnp.int32)
@@ -172,7 +183,7 @@ def test_hand_written_gradients_equal_autodiff():
             return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[:, None], -1)[:, 0]
 
         def fused(h, w):
-            return output_cross_entropy(h, w, targets, tied=tied)
+            return output_cross_entropy(h, w, targets, tied=tied, copy_transposes=copy)
 
         weights = jnp.asarray(rng.normal(size=12), jnp.float32)
         np.testing.assert_allclose(fused(h, w), plain(h, w), rtol=1e-5, atol=1e-5)
@@ -182,8 +193,8 @@ def test_hand_written_gradients_equal_autodiff():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_fused_attention_matches_reference_and_its_gradients(dtype):
+@pytest.mark.parametrize("dtype,copy", [(jnp.float32, False), (jnp.float32, True), (jnp.bfloat16, True)])
+def test_fused_attention_matches_reference_and_its_gradients(dtype, copy):
     from crosstrain.model.attention import reference_attention
     from crosstrain.model.fused import causal_gqa_attention
 
@@ -193,7 +204,7 @@ def test_fused_attention_matches_reference_and_its_gradients(dtype):
     pos = jnp.arange(10)
     dy = jnp.asarray(rng.normal(size=q.shape), dtype)
     ref = jax.vjp(lambda q, k, v: reference_attention(q, k, v, q_pos=pos, kv_pos=pos), q, k, v)
-    ours = jax.vjp(causal_gqa_attention, q, k, v)
+    ours = jax.vjp(lambda q, k, v: causal_gqa_attention(q, k, v, copy_transposes=copy), q, k, v)
     tol = 1e-5 if dtype == jnp.float32 else 3e-2
     np.testing.assert_allclose(np.asarray(ours[0], np.float32), np.asarray(ref[0], np.float32), rtol=tol, atol=tol)
     for a, b in zip(ours[1](dy), ref[1](dy)):

@@ -34,10 +34,10 @@ def reference_attention(q, k, v, *, q_pos, kv_pos):
     return out.reshape(b, s, h, d).astype(q.dtype)
 
 
-def fused_reference_attention(q, k, v, *, q_pos, kv_pos):
+def fused_reference_attention(q, k, v, *, q_pos, kv_pos, copy_transposes=False):
     from crosstrain.model.fused import causal_gqa_attention
 
-    return causal_gqa_attention(q, k, v)
+    return causal_gqa_attention(q, k, v, copy_transposes=copy_transposes)
 
 
 def _causal_self(q, k, q_pos, kv_pos) -> bool:
@@ -91,5 +91,8 @@ def select(name: str, q, k, q_pos, kv_pos) -> str:
     return "reference"
 
 
-def attention(q, k, v, *, q_pos, kv_pos, impl: str = "auto"):
-    return IMPLS[select(impl, q, k, q_pos, kv_pos)].fn(q, k, v, q_pos=q_pos, kv_pos=kv_pos)
+def attention(q, k, v, *, q_pos, kv_pos, impl: str = "auto", copy_transposes: bool = False):
+    """`copy_transposes` (ModelConfig.dot_transposes) reaches the kernels that take it."""
+    name = select(impl, q, k, q_pos, kv_pos)
+    kw = {"copy_transposes": copy_transposes} if name == "fused" else {}
+    return IMPLS[name].fn(q, k, v, q_pos=q_pos, kv_pos=kv_pos, **kw)

@@ -57,6 +57,12 @@ def activation_dtype(cfg: ModelConfig):
     return dtype_of(cfg.activation_dtype)
 
 
+def copy_transposes(cfg: ModelConfig) -> bool:
+    if cfg.dot_transposes == "auto":
+        return jax.default_backend() == "cpu"
+    return cfg.dot_transposes == "copy"
+
+
 def _dense(spec: str, x: jax.Array, w: jax.Array, cdt, adt) -> jax.Array:
     """Matmul inputs in the compute dtype, fp32 accumulation, result in the activation dtype."""
     y = jnp.einsum(spec, x.astype(cdt), w.astype(cdt), preferred_element_type=jnp.float32)
@@ -65,25 +71,28 @@ def _dense(spec: str, x: jax.Array, w: jax.Array, cdt, adt) -> jax.Array:
 
 def _block(cfg: ModelConfig, x, p, cos, sin, q_pos, kv_pos, cache_kv, start_pos):
     """One pre-norm decoder layer. Returns the new residual stream and, when decoding, the
-    layer's updated (k, v) cache."""
+    layer's updated (k, v) cache. Named scopes label each part in profiles (docs/performance.md)."""
     cdt = dtype_of(cfg.compute_dtype)
     adt = activation_dtype(cfg)
     eps = cfg.norm_eps
-    h = rms_norm(x, p["attn_norm"], eps)
-    b, s, d = h.shape
-    q, k, v = qkv_projection(
-        h.reshape(b * s, d).astype(cdt),
-        *(p[name].reshape(d, -1).astype(cdt) for name in ("wq", "wk", "wv")),
-    )
-    q = checkpoint_name(q.reshape(b, s, cfg.heads, cfg.head_dim).astype(adt), "qkv")
-    k = checkpoint_name(k.reshape(b, s, cfg.kv_heads, cfg.head_dim).astype(adt), "qkv")
-    v = checkpoint_name(v.reshape(b, s, cfg.kv_heads, cfg.head_dim).astype(adt), "qkv")
-    if cfg.qk_norm:
-        q = rms_norm(q, p["q_norm"], eps)
-        k = rms_norm(k, p["k_norm"], eps)
-    q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
-    k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    b, s, d = x.shape
+    with jax.named_scope("qkv"):
+        h = rms_norm(x, p["attn_norm"], eps)
+        q, k, v = qkv_projection(
+            h.reshape(b * s, d).astype(cdt),
+            *(p[name].reshape(d, -1).astype(cdt) for name in ("wq", "wk", "wv")),
+            copy_transposes=copy_transposes(cfg),
+        )
+        q = checkpoint_name(q.reshape(b, s, cfg.heads, cfg.head_dim).astype(adt), "qkv")
+        k = checkpoint_name(k.reshape(b, s, cfg.kv_heads, cfg.head_dim).astype(adt), "qkv")
+        v = checkpoint_name(v.reshape(b, s, cfg.kv_heads, cfg.head_dim).astype(adt), "qkv")
+    with jax.named_scope("qk_norm_rope"):
+        if cfg.qk_norm:
+            q = rms_norm(q, p["q_norm"], eps)
+            k = rms_norm(k, p["k_norm"], eps)
+        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     new_cache = None
     if cache_kv is not None:
         ck, cv = cache_kv
@@ -91,20 +100,23 @@ def _block(cfg: ModelConfig, x, p, cos, sin, q_pos, kv_pos, cache_kv, start_pos)
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start_pos, 0, 0))
         new_cache = (ck, cv)
         k, v = ck.astype(adt), cv.astype(adt)
-    o = attention(q.astype(cdt), k.astype(cdt), v.astype(cdt), q_pos=q_pos, kv_pos=kv_pos, impl=cfg.attention)
-    o = checkpoint_name(o, "attn_out")
-    x = x + checkpoint_name(_dense("bshk,hkd->bsd", o, p["wo"], cdt, adt), "attn_proj")
-    x = constrain(x, ("batch", "length", "act_embed"))
-
-    h = rms_norm(x, p["mlp_norm"], eps)
-    mlp_out = swiglu_mlp(h.reshape(b * s, d).astype(cdt), p["w_gate"].astype(cdt), p["w_up"].astype(cdt),
-                         p["w_down"].astype(cdt))
-    x = x + mlp_out.reshape(b, s, d).astype(adt)
-    x = constrain(x, ("batch", "length", "act_embed"))
+    with jax.named_scope("attention"):
+        o = attention(q.astype(cdt), k.astype(cdt), v.astype(cdt), q_pos=q_pos, kv_pos=kv_pos, impl=cfg.attention,
+                      copy_transposes=copy_transposes(cfg))
+        o = checkpoint_name(o, "attn_out")
+    with jax.named_scope("attn_out_proj"):
+        x = x + checkpoint_name(_dense("bshk,hkd->bsd", o, p["wo"], cdt, adt), "attn_proj")
+        x = constrain(x, ("batch", "length", "act_embed"))
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, p["mlp_norm"], eps)
+        mlp_out = swiglu_mlp(h.reshape(b * s, d).astype(cdt), p["w_gate"].astype(cdt), p["w_up"].astype(cdt),
+                             p["w_down"].astype(cdt), copy_transposes=copy_transposes(cfg))
+        x = x + mlp_out.reshape(b, s, d).astype(adt)
+        x = constrain(x, ("batch", "length", "act_embed"))
     return x, new_cache
 
 
-SELECTIVE_SAVED = ("qkv", "attn_out", "attn_proj", "mlp_gate", "mlp_up")
+SELECTIVE_SAVED = ("qkv", "attn_out", "attn_proj", "mlp_gate_up")
 
 
 def _remat(fn, policy: str):
@@ -136,7 +148,8 @@ def decoder(
     # model width to the batch (an all-to-all GSPMD will not plan): all-gather the table first,
     # as FSDP does for every weight before use.
     table = constrain(params["embed"], (None, None))
-    x = jnp.take(table, tokens, axis=0).astype(activation_dtype(cfg))
+    with jax.named_scope("embed"):
+        x = jnp.take(table, tokens, axis=0).astype(activation_dtype(cfg))
     x = constrain(x, ("batch", "length", "act_embed"))
     q_pos = start_pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     kv_pos = q_pos if cache is None else jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
@@ -170,7 +183,8 @@ def decoder(
                 vs.append(v_i)
             ks, vs = jnp.stack(ks), jnp.stack(vs)
         new_cache = {"k": ks, "v": vs}
-    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    with jax.named_scope("final_norm"):
+        x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     return x, new_cache
 
 
@@ -198,9 +212,11 @@ def token_losses(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Arr
     cdt = dtype_of(cfg.compute_dtype)
     b, s, d = hidden.shape
     w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    losses = output_cross_entropy(
-        hidden.reshape(b * s, d).astype(cdt), w.astype(cdt), targets.reshape(b * s), tied=cfg.tie_embeddings
-    )
+    with jax.named_scope("output_loss"):
+        losses = output_cross_entropy(
+            hidden.reshape(b * s, d).astype(cdt), w.astype(cdt), targets.reshape(b * s), tied=cfg.tie_embeddings,
+            copy_transposes=copy_transposes(cfg),
+        )
     return losses.reshape(b, s)
 
 

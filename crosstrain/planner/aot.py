@@ -101,6 +101,8 @@ def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: in
             raw["model"]["attention"] = "reference"
         if raw["model"].get("activation_dtype", "auto") == "auto":
             raw["model"]["activation_dtype"] = raw["model"]["compute_dtype"]
+        if raw["model"].get("dot_transposes", "auto") == "auto":
+            raw["model"]["dot_transposes"] = "fold"
         raw["train"].update({"batch": batch, "microbatches": 1})
         raw["mesh"] = {**mesh, "rule": "none"}
         raw["data"] = {}
