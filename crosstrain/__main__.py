@@ -1,3 +1,3 @@
-from crosstrain.cli import main
+from crosstrain.platform import run_cli
 
-raise SystemExit(main())
+run_cli(as_module=True)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from crosstrain import hardware
 from crosstrain.config import Config
+from crosstrain.platform import huge_pages_active
 from crosstrain.data.pipeline import build_pipeline
 from crosstrain.flops import CROSSTRAIN_CONVENTION, flops_per_token
 from crosstrain.parallel.mesh import apply_mesh_rule
@@ -51,10 +52,7 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4) -> 
     setup = make_setup(cfg, devices)
     m, t = cfg.model, cfg.train
     tokens_per_step = t.batch * m.seq_len
-    ceiling = {
-        "fp32": hardware.measure_matmul_tflops(dtype="float32"),
-        "bf16": hardware.measure_matmul_tflops(dtype="bfloat16"),
-    }
+    ceiling = hardware.measure_matmul_ceiling()
     with activate(setup.mesh):
         pipeline = build_pipeline(cfg, write_files=False)
         rows = process_rows(setup)
@@ -111,6 +109,9 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4) -> 
         "attention_flops": CROSSTRAIN_CONVENTION,
         "devices": len(devices),
         "device_kind": devices[0].device_kind,
+        # glibc's transparent huge pages for this process (crosstrain/platform.py); on a CPU the
+        # step is 30-40% slower without them.
+        "huge_pages": huge_pages_active(),
         "timed_steps": len(windows) * window,
         "config": cfg.to_dict(),
     }
@@ -125,7 +126,8 @@ def describe(r: dict[str, Any]) -> str:
         f"machine's matmul ceiling (fp32 {c['fp32'] * 1e3:.0f}, bf16 {c['bf16'] * 1e3:.0f} GFLOP/s)",
         f"MFU {100 * r['mfu']:.1f}% ({r['mfu_note']})" if r["mfu"] is not None else f"MFU n/a ({r['mfu_note']})",
         f"host overhead {r['host_overhead_s'] * 1e3:.2f} ms/step ({100 * r['host_overhead_fraction']:.2f}%), "
-        f"data wait {r['data_wait_s'] * 1e3:.2f} ms/step ({100 * r['data_wait_fraction']:.2f}%)",
+        f"data wait {r['data_wait_s'] * 1e3:.2f} ms/step ({100 * r['data_wait_fraction']:.2f}%)"
+        + ("" if r["huge_pages"] else "; huge pages off (run through the `crosstrain` program for them)"),
     ]
     if r["predicted_step_time_s"]:
         lines.append(f"planner predicted {r['predicted_step_time_s'] * 1e3:.1f} ms/step "

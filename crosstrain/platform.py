@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
+import sys
 from pathlib import Path
+from typing import Optional, Sequence
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
 def skip_absent_tpu() -> None:
@@ -18,3 +23,38 @@ def skip_absent_tpu() -> None:
     if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def huge_pages_active() -> bool:
+    return HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def reexec_with_huge_pages(argv: Sequence[str]) -> None:
+    """Restart this process (same pid, `exec`) as `sys.executable *argv` with glibc's malloc
+    asking for transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), unless already set,
+    not Linux/glibc, or CROSSTRAIN_HUGE_PAGES=0.
+
+    XLA's CPU runtime allocates each step's large temporaries afresh; on 4 KiB pages every step
+    then pays page faults and TLB misses over hundreds of MB, and the GEMMs slow down: on the
+    2-core CI machine the `nano` step runs 30-40% faster with huge pages (docs/performance.md).
+    glibc reads its tunables only at start-up, hence the restart; it must run before anything
+    heavy is imported."""
+    if os.environ.get("CROSSTRAIN_HUGE_PAGES", "1") == "0" or huge_pages_active():
+        return
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    env = dict(os.environ, GLIBC_TUNABLES=f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE)
+    try:
+        os.execve(sys.executable, [sys.executable, *argv], env)
+    except OSError:
+        return  # run on without; nothing is lost but speed
+
+
+def run_cli(argv: Optional[Sequence[str]] = None, *, as_module: bool = False) -> None:
+    """The `crosstrain` program: huge pages first, then the CLI."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    reexec_with_huge_pages(["-m", "crosstrain", *args] if as_module else [sys.argv[0], *args])
+    from crosstrain.cli import main
+
+    raise SystemExit(main(args))

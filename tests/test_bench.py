@@ -21,6 +21,7 @@ def test_bench_json_is_complete_and_consistent(capsys):
     assert r["achieved_tflops"] * 1e12 == pytest.approx(r["flops_per_token"] * r["tokens_per_s"], rel=1e-9)
     assert 0 < r["mfu"] <= 1 and r["predicted_step_time_s"] > 0
     assert 0 <= r["host_overhead_fraction"] < 1 and 0 <= r["data_wait_fraction"] < 1
+    assert isinstance(r["huge_pages"], bool)
 
 
 def test_bench_rejects_bad_steps(capsys):

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -37,3 +38,27 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["crosstrain: error: optim.lr: must be positive, got -1.0"]
     assert not any(tmp_path.iterdir())  # nothing written for a rejected config
+
+
+PROBE = """
+import os, sys
+from crosstrain.platform import reexec_with_huge_pages
+reexec_with_huge_pages(sys.argv)
+print(os.getpid(), os.environ.get("GLIBC_TUNABLES", ""))
+"""
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_programs_restart_with_huge_pages_keeping_other_tunables(tmp_path, opt_out):
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
+    env.pop("CROSSTRAIN_HUGE_PAGES", None)
+    if opt_out:
+        env["CROSSTRAIN_HUGE_PAGES"] = "0"
+    proc = subprocess.Popen([sys.executable, str(probe)], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=60)
+    pid, tunables = out.split()
+    assert int(pid) == proc.pid  # exec'd in place: launchers and signals still see the same process
+    want = "glibc.malloc.tcache_count=7" + ("" if opt_out else ":glibc.malloc.hugetlb=1")
+    assert tunables == want
