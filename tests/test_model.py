@@ -193,8 +193,9 @@ def test_hand_written_gradients_equal_autodiff(copy):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,copy", [(jnp.float32, False), (jnp.float32, True), (jnp.bfloat16, True)])
-def test_fused_attention_matches_reference_and_its_gradients(dtype, copy):
+@pytest.mark.parametrize("dtype,copy,blocks", [(jnp.float32, False, 1), (jnp.float32, True, 2), (jnp.bfloat16, True, 1),
+                                               (jnp.bfloat16, False, 2)])
+def test_fused_attention_matches_reference_and_its_gradients(dtype, copy, blocks):
     from crosstrain.model.attention import reference_attention
     from crosstrain.model.fused import causal_gqa_attention
 
@@ -204,7 +205,7 @@ def test_fused_attention_matches_reference_and_its_gradients(dtype, copy):
     pos = jnp.arange(10)
     dy = jnp.asarray(rng.normal(size=q.shape), dtype)
     ref = jax.vjp(lambda q, k, v: reference_attention(q, k, v, q_pos=pos, kv_pos=pos), q, k, v)
-    ours = jax.vjp(lambda q, k, v: causal_gqa_attention(q, k, v, copy_transposes=copy), q, k, v)
+    ours = jax.vjp(lambda q, k, v: causal_gqa_attention(q, k, v, copy_transposes=copy, blocks=blocks), q, k, v)
     tol = 1e-5 if dtype == jnp.float32 else 3e-2
     np.testing.assert_allclose(np.asarray(ours[0], np.float32), np.asarray(ref[0], np.float32), rtol=tol, atol=tol)
     for a, b in zip(ours[1](dy), ref[1](dy)):

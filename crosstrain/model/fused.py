@@ -87,7 +87,7 @@ def _output_ce_bwd(tied, copy, res, dloss):
     if tied:  # w [V, D]
         dh = jnp.dot(e, w, preferred_element_type=f32) * r[:, None] - dloss[:, None] * w[targets].astype(f32)
         dw = transpose_copy(_mm(transpose_copy(hs, copy), e), copy)  # ([D, N] @ [N, V])^T
-        dw = dw.at[targets].add(picked_h)
+        dw = dw.at[targets].add(picked_h)  # rows: a scatter into columns of [D, V] is slow on CPU
     else:  # w [D, V]
         dh = (lax.dot_general(e, w, _NT, preferred_element_type=f32) * r[:, None]
               - dloss[:, None] * w[:, targets].T.astype(f32))
@@ -196,63 +196,103 @@ def _bnn(a, b):
     return lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
 
 
-def causal_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, copy_transposes: bool = False) -> jax.Array:
+def causal_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, copy_transposes: bool = False,
+                         blocks: int | None = None) -> jax.Array:
     """Causal grouped-query attention over positions 0..n-1, q [B, S, H, D], k and v
-    [B, S, KV, D]; computed as batched GEMMs over (batch, kv head) with the query group folded
-    into the rows, returning [B, S, H, D] in q's dtype. The softmax scale is applied to q; the
-    backward keeps the probabilities from the forward, and its two "transposed" GEMMs (dK, dV)
-    transpose the small [rows, head_dim] operand and the result instead of the [rows, keys] one."""
-    return _attention(q, k, v, copy_transposes)
+    [B, S, KV, D], returning [B, S, H, D] in q's dtype.
+
+    Batched GEMMs over (batch, kv head) with the query group folded into the rows. The queries are
+    cut into `blocks` blocks of positions (default: S // 128, at most 4, when S divides): block j
+    attends only to keys [0, (j + 1) S / blocks), which skips (blocks - 1) / (2 blocks) of the
+    masked-out score work. The softmax scale is applied to q; the backward keeps the
+    probabilities from the forward, and computes dK and dV as (Q^T dS)^T and (dO^T P)^T, so only
+    [rows, head_dim] operands are transposed."""
+    s = q.shape[1]
+    if blocks is None:
+        blocks = next((n for n in (4, 3, 2) if s % n == 0 and s // n >= 128), 1)
+    if s % blocks:
+        raise ValueError(f"attention blocks: {blocks} does not divide sequence length {s}")
+    return _attention(q, k, v, copy_transposes, blocks)
 
 
-def _fold_q(x, b, s, kvh, g, d, copy):
-    return row_major(x.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kvh, g * s, d), copy)
+def _fold_q(x, nb, copy, kvh):
+    """[B, S, H, D] -> per query block j, [B*KV, G*bs, D] (rows: group-major, then position)."""
+    b, s, h, d = x.shape
+    g, bs = h // kvh, s // nb
+    x = x.reshape(b, nb, bs, kvh, g, d).transpose(1, 0, 3, 4, 2, 5).reshape(nb, b * kvh, g * bs, d)
+    return [row_major(x[j], copy) for j in range(nb)]
 
 
-def _fold_kv(x, b, s, kvh, d, copy):
+def _unfold_q(blocks, b, s, kvh, g, d):
+    """Inverse of `_fold_q`: blocks of [B*KV, G*bs, D] -> [B, S, H, D]."""
+    nb = len(blocks)
+    bs = s // nb
+    x = jnp.stack(blocks).reshape(nb, b, kvh, g, bs, d).transpose(1, 0, 4, 2, 3, 5)
+    return x.reshape(b, s, kvh * g, d)
+
+
+def _fold_kv(x, copy):
+    b, s, kvh, d = x.shape
     return row_major(x.transpose(0, 2, 1, 3).reshape(b * kvh, s, d), copy)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, copy):
-    return _attn_fwd(q, k, v, copy)[0]
+def _causal_mask(j, g, bs):
+    """[G*bs, (j+1)*bs]: row r (position j*bs + r % bs) may see keys at or before it."""
+    pos = j * bs + jnp.arange(g * bs) % bs
+    return jnp.arange((j + 1) * bs)[None, :] <= pos[:, None]
 
 
-def _attn_fwd(q, k, v, copy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(q, k, v, copy, nb):
+    return _attn_fwd(q, k, v, copy, nb)[0]
+
+
+def _attn_fwd(q, k, v, copy, nb):
     b, s, h, d = q.shape
     kvh = k.shape[2]
-    g = h // kvh
+    g, bs = h // kvh, s // nb
     cdt = q.dtype
-    qg = _fold_q((q.astype(jnp.float32) * d**-0.5).astype(cdt), b, s, kvh, g, d, copy)  # [B*KV, G*S, D]
-    kt = _fold_kv(k, b, s, kvh, d, copy)  # [B*KV, T, D]
-    vt = _fold_kv(v, b, s, kvh, d, copy)
-    scores = _bnt(qg, kt)  # [B*KV, G*S, T]
-    rows = jnp.arange(g * s) % s
-    allowed = jnp.arange(s)[None, :] <= rows[:, None]
-    scores = jnp.where(allowed, scores, -jnp.inf)
-    e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    p = (e / jnp.sum(e, axis=-1, keepdims=True)).astype(cdt)
-    out = _bnn(p, vt)  # [B*KV, G*S, D]
-    y = out.reshape(b, kvh, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(cdt)
-    return y, (qg, kt, vt, p, (b, s, h, d, kvh, g))
+    qb = _fold_q((q.astype(jnp.float32) * d**-0.5).astype(cdt), nb, copy, kvh)  # nb x [B*KV, G*bs, D]
+    kt = _fold_kv(k, copy)  # [B*KV, T, D]
+    vt = _fold_kv(v, copy)
+    ps, outs = [], []
+    for j in range(nb):
+        t = (j + 1) * bs
+        scores = jnp.where(_causal_mask(j, g, bs), _bnt(qb[j], kt[:, :t]), -jnp.inf)  # [B*KV, G*bs, t]
+        e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        p = (e / jnp.sum(e, axis=-1, keepdims=True)).astype(cdt)
+        ps.append(p)
+        outs.append(_bnn(p, vt[:, :t]).astype(cdt))  # [B*KV, G*bs, D]
+    y = _unfold_q(outs, b, s, kvh, g, d)
+    return y, (qb, kt, vt, ps)
 
 
-def _attn_bwd(copy, res, dy):
-    qg, kt, vt, p, (b, s, h, d, kvh, g) = res
-    cdt = qg.dtype
-    do = _fold_q(dy.astype(cdt), b, s, kvh, g, d, copy)  # [B*KV, G*S, D]
+def _attn_bwd(copy, nb, res, dy):
+    qb, kt, vt, ps = res
+    bk, s, d = kt.shape
+    cdt = kt.dtype
+    b, h, kvh = dy.shape[0], dy.shape[2], None
+    kvh = bk // b
+    g, bs = h // kvh, s // nb
+    dob = _fold_q(dy.astype(cdt), nb, copy, kvh)
 
     def t_small(x):  # [B, M, D] -> row-major [B, D, M]
         return row_major(jnp.swapaxes(row_major(x, copy), 1, 2), copy)
 
-    # dV = P^T dO and dK = dS^T Q, computed as (dO^T P)^T and (Q^T dS)^T.
-    dv = jnp.swapaxes(row_major(_bnn(t_small(do), p), copy), 1, 2)  # [B*KV, T, D]
-    dp = _bnt(do, vt)  # [B*KV, G*S, T]
-    p32 = p.astype(jnp.float32)
-    ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))).astype(cdt)
-    dq = _bnn(ds, kt) * d**-0.5  # [B*KV, G*S, D]
-    dk = jnp.swapaxes(row_major(_bnn(t_small(qg), ds), copy), 1, 2)  # [B*KV, T, D]
-    dq = dq.reshape(b, kvh, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+    dk = jnp.zeros((bk, s, d), jnp.float32)
+    dv = jnp.zeros((bk, s, d), jnp.float32)
+    dqs = []
+    for j in range(nb):
+        t = (j + 1) * bs
+        p, do, qj = ps[j], dob[j], qb[j]
+        # dV = P^T dO and dK = dS^T Q, computed as (dO^T P)^T and (Q^T dS)^T: [B*KV, t, D]
+        dv = dv.at[:, :t].add(jnp.swapaxes(row_major(_bnn(t_small(do), p), copy), 1, 2))
+        dp = _bnt(do, vt[:, :t])  # [B*KV, G*bs, t]
+        p32 = p.astype(jnp.float32)
+        ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))).astype(cdt)
+        dk = dk.at[:, :t].add(jnp.swapaxes(row_major(_bnn(t_small(qj), ds), copy), 1, 2))
+        dqs.append(_bnn(ds, kt[:, :t]) * d**-0.5)  # [B*KV, G*bs, D]
+    dq = _unfold_q(dqs, b, s, kvh, g, d)
     dk = dk.reshape(b, kvh, s, d).transpose(0, 2, 1, 3)
     dv = dv.reshape(b, kvh, s, d).transpose(0, 2, 1, 3)
     return dq.astype(cdt), dk.astype(cdt), dv.astype(cdt)
