@@ -1,16 +1,19 @@
-"""Hand-written gradients for the two places where automatic differentiation was slow on CPU.
+"""Hand-written gradients for the GEMM-heavy parts of a layer, where automatic differentiation
+was slow on CPU.
 
 Profiling crosstrain's step on XLA's CPU backend (docs/performance.md) found the backward pass at
-~3.5x the forward, dominated by (1) the SwiGLU backward, which XLA recomputed sigmoid for inside a
-transposed-layout copy, and (2) the output projection's backward, whose dots ran on a slow
-transposed path over the [tokens, vocab] gradient. These custom VJPs give the same values and
-gradients (the tests compare them with plain autodiff) with:
+~3.5x the forward: XLA recomputed the SwiGLU's sigmoid inside transposed-layout copies, ran the
+output projection's dots over a transposed [tokens, vocab] gradient, and transposed the big
+operand of every weight gradient. These custom VJPs give the same values and gradients (the tests
+compare them with plain autodiff):
 
+- `qkv_projection`: q, k and v as one GEMM, one weight-gradient GEMM for all three;
+- `causal_gqa_attention`: batched GEMMs over (batch, kv head), causal query blocks;
 - `swiglu_mlp`: the whole SwiGLU MLP, gate and up as one GEMM; the backward is multiplies and
   adds in the activations' natural layout, and GEMMs;
 - `output_cross_entropy`: fp32 per-token loss of h @ W for targets, with the backward's two dots
-  oriented so the large [tokens, vocab] softmax gradient is never transposed (dW comes from
-  h^T @ g, transposing only the small h).
+  oriented so the large [tokens, vocab] matrix is never transposed (dW comes from h^T @ e,
+  transposing only the small h).
 
 On XLA's CPU backend, YNNPACK runs a bf16 x bf16 -> fp32 dot only in the row-major forms
 A @ B and A @ B^T; a transpose XLA folds into a dot as A^T @ B (every weight gradient) makes it
@@ -31,16 +34,18 @@ from jax.ad_checkpoint import checkpoint_name
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims of both: A @ B^T
 
 
+def row_major(x: jax.Array, copy: bool = True) -> jax.Array:
+    """x, pinned (with `copy`) to a row-major layout of its logical shape: an optimization barrier
+    on the flattened array. A barrier on x itself would not do: layout assignment can still make a
+    transpose feeding it a free column-major view, which a dot then reads as transposed."""
+    return lax.optimization_barrier(x.reshape(-1)).reshape(x.shape) if copy else x
+
+
 def transpose_copy(x: jax.Array, copy: bool = True) -> jax.Array:
-    """x.T [n, m] of a 2-D x [m, n] for use as a dot operand. With `copy`, a row-major copy that
-    XLA cannot fold into the dot as a transposed operand: an optimization barrier on the flat
-    array pins the layout on both sides (a barrier on the 2-D array alone lets layout assignment
-    make the transpose a free column-major view, which the dot then reads transposed)."""
-    if not copy:
-        return x.T
-    m, n = x.shape
-    x = lax.optimization_barrier(x.reshape(-1)).reshape(m, n)
-    return lax.optimization_barrier(x.T.reshape(-1)).reshape(n, m)
+    """x with its last two axes swapped, for use as a dot operand. With `copy`, a row-major copy
+    that XLA cannot fold into the dot as a transposed operand; x is pinned first too, as a dot's
+    result would otherwise be computed transposed (a form XLA CPU cannot run in bf16)."""
+    return row_major(jnp.swapaxes(row_major(x, copy), -1, -2), copy)
 
 
 def _logits(h: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
@@ -122,17 +127,18 @@ def _mlp_fwd(h, w_gate, w_up, w_down, copy):
     # The gate and up projections are one GEMM, kept in h's dtype as one array, named so a remat
     # policy can keep it and recompute the rest of the forward from it alone. The backward
     # recomputes sigmoid(gate) rather than reading a stored copy.
-    gu = checkpoint_name(_mm(h, jnp.concatenate([w_gate, w_up], axis=1)).astype(cdt), "mlp_gate_up")  # [N, 2F]
+    w_gu = jnp.concatenate([w_gate, w_up], axis=1)  # [D, 2F]
+    gu = checkpoint_name(_mm(h, w_gu).astype(cdt), "mlp_gate_up")  # [N, 2F]
     g32, u32 = gu[:, :f].astype(jnp.float32), gu[:, f:].astype(jnp.float32)
     a = (g32 * jax.nn.sigmoid(g32) * u32).astype(cdt)
     y = _mm(a, w_down).astype(cdt)
-    return y, (h, w_gate, w_up, w_down, gu, a)
+    return y, (h, w_gu, w_down, gu, a)
 
 
 def _mlp_bwd(copy, res, dy):
-    h, w_gate, w_up, w_down, gu, a = res
+    h, w_gu, w_down, gu, a = res
     cdt = h.dtype
-    f = w_gate.shape[1]
+    f = w_gu.shape[1] // 2
     # Weight gradients are (small^T) @ (big in its natural layout): the [N, F] activations and
     # gradients are never transposed, only h, dy and the small [D, F] results.
     d_down = transpose_copy(_mm(transpose_copy(dy, copy), a), copy)  # ([D, N] @ [N, F])^T = [F, D]
@@ -143,8 +149,8 @@ def _mlp_bwd(copy, res, dy):
     dg = da * u32 * s32 * (1.0 + g32 * (1.0 - s32))
     dgu = jnp.concatenate([dg, du], axis=1).astype(cdt)  # [N, 2F]
     d_gu = _mm(transpose_copy(h, copy), dgu)  # [D, 2F]
-    dh = lax.dot_general(dgu, jnp.concatenate([w_gate, w_up], axis=1), _NT, preferred_element_type=jnp.float32)
-    return (dh.astype(cdt), d_gu[:, :f].astype(w_gate.dtype), d_gu[:, f:].astype(w_up.dtype),
+    dh = lax.dot_general(dgu, w_gu, _NT, preferred_element_type=jnp.float32)
+    return (dh.astype(cdt), d_gu[:, :f].astype(w_gu.dtype), d_gu[:, f:].astype(w_gu.dtype),
             d_down.astype(w_down.dtype))
 
 
@@ -179,11 +185,6 @@ def _qkv_bwd(copy, res, grads):
 
 
 _qkv.defvjp(_qkv_fwd, _qkv_bwd)
-
-
-def row_major(x: jax.Array, copy: bool = True) -> jax.Array:
-    """x, pinned to a row-major layout of its logical shape (see `transpose_copy`)."""
-    return lax.optimization_barrier(x.reshape(-1)).reshape(x.shape) if copy else x
 
 
 def _bnt(a, b):
@@ -271,13 +272,10 @@ def _attn_bwd(copy, nb, res, dy):
     qb, kt, vt, ps = res
     bk, s, d = kt.shape
     cdt = kt.dtype
-    b, h, kvh = dy.shape[0], dy.shape[2], None
+    b, h = dy.shape[0], dy.shape[2]
     kvh = bk // b
     g, bs = h // kvh, s // nb
     dob = _fold_q(dy.astype(cdt), nb, copy, kvh)
-
-    def t_small(x):  # [B, M, D] -> row-major [B, D, M]
-        return row_major(jnp.swapaxes(row_major(x, copy), 1, 2), copy)
 
     dk = jnp.zeros((bk, s, d), jnp.float32)
     dv = jnp.zeros((bk, s, d), jnp.float32)
@@ -286,11 +284,11 @@ def _attn_bwd(copy, nb, res, dy):
         t = (j + 1) * bs
         p, do, qj = ps[j], dob[j], qb[j]
         # dV = P^T dO and dK = dS^T Q, computed as (dO^T P)^T and (Q^T dS)^T: [B*KV, t, D]
-        dv = dv.at[:, :t].add(jnp.swapaxes(row_major(_bnn(t_small(do), p), copy), 1, 2))
+        dv = dv.at[:, :t].add(transpose_copy(_bnn(transpose_copy(do, copy), p), copy))
         dp = _bnt(do, vt[:, :t])  # [B*KV, G*bs, t]
         p32 = p.astype(jnp.float32)
         ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))).astype(cdt)
-        dk = dk.at[:, :t].add(jnp.swapaxes(row_major(_bnn(t_small(qj), ds), copy), 1, 2))
+        dk = dk.at[:, :t].add(transpose_copy(_bnn(transpose_copy(qj, copy), ds), copy))
         dqs.append(_bnn(ds, kt[:, :t]) * d**-0.5)  # [B*KV, G*bs, D]
     dq = _unfold_q(dqs, b, s, kvh, g, d)
     dk = dk.reshape(b, kvh, s, d).transpose(0, 2, 1, 3)

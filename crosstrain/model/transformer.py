@@ -51,8 +51,8 @@ def _rotate_half(x: jax.Array, sign: float) -> jax.Array:
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x [batch, len, heads, head_dim]; rotate-half pairs dimension i with i + head_dim/2.
 
-    The backward is written out (dx = dy cos + rotate_half^T(dy sin), one elementwise pass):
-    autodiff of the slices and concatenate made pads and adds, ~5% of the CPU step."""
+    The backward is written out (dx = dy cos + rotate_half^T(dy sin), one elementwise
+    expression) rather than autodiff's pads and adds for the slices and concatenate."""
     x32 = x.astype(jnp.float32)
     out = x32 * cos[None, :, None, :] + _rotate_half(x32, 1.0) * sin[None, :, None, :]
     return out.astype(x.dtype)
