@@ -160,6 +160,17 @@ def test_no_valid_checkpoint_exits_2(tmp_path, capsys):
         ck.restore_latest(abstract_train_state(setup))
 
 
+def test_only_unsealed_checkpoints_mean_a_fresh_start(tmp_path):
+    """A run killed during its first save has no complete checkpoint: start over, no error."""
+    ck, setup, state = _small_checkpoints(tmp_path, steps=(4,))
+    (ck.step_dir(4) / "manifest.json").unlink()
+    assert ck.restore_latest(abstract_train_state(setup)) is None
+    ck.save(4, state, {"step": 4})  # the fresh run reaches the same step and saves it again
+    ck.wait()
+    step, restored, _ = ck.restore_latest(abstract_train_state(setup))
+    assert step == 4 and params_sha256(restored.params) == params_sha256(state.params)
+
+
 def test_retention_keeps_last_k_and_every_p_through_the_trash(tmp_path):
     cfg = load_config("tiny")
     setup = make_setup(cfg, jax.devices()[:1])

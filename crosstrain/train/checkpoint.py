@@ -212,12 +212,13 @@ class Checkpointer:
         return restored["state"], dict(restored["meta"])
 
     def restore_latest(self, abstract_state: Any, *, before: Optional[int] = None) -> Optional[tuple[int, Any, dict]]:
-        """(step, state, meta) of the newest valid checkpoint, None if there never was one.
-        Exit 2 if checkpoints exist but none is valid."""
-        any_committed = bool(self.committed_steps())
+        """(step, state, meta) of the newest valid checkpoint, None if there never was a complete
+        one (a save killed before it was sealed leaves only an unsealed step: the run starts over).
+        Exit 2 if sealed checkpoints exist but none is valid."""
+        any_sealed = bool(self.sealed_steps())
         step = self.latest_valid_step(before=before)
         if step is None:
-            if any_committed and before is None:
+            if any_sealed and before is None:
                 raise UserError(f"--run-dir: no valid checkpoint in {self.directory} (all failed verification)")
             return None
         state, meta = self.restore(step, abstract_state)
