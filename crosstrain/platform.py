@@ -39,11 +39,11 @@ def reexec_with_huge_pages(argv: Sequence[str]) -> None:
     2-core CI machine the `nano` step runs 30-40% faster with huge pages (docs/performance.md).
     glibc reads its tunables only at start-up, hence the restart; it must run before anything
     heavy is imported."""
-    if os.environ.get("CROSSTRAIN_HUGE_PAGES", "1") == "0" or huge_pages_active():
-        return
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if os.environ.get("CROSSTRAIN_HUGE_PAGES", "1") == "0" or "glibc.malloc.hugetlb=" in tunables:
+        return  # off, or the user's own hugetlb setting (which we keep, whatever its value)
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
     env = dict(os.environ, GLIBC_TUNABLES=f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE)
     try:
         os.execve(sys.executable, [sys.executable, *argv], env)

@@ -52,6 +52,10 @@ print(os.getpid(), os.environ.get("GLIBC_TUNABLES", ""))
 def test_programs_restart_with_huge_pages_keeping_other_tunables(tmp_path, opt_out):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
+    # A user's own hugetlb choice is left as it is.
+    mine = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
+    out = subprocess.run([sys.executable, str(probe)], env=mine, capture_output=True, text=True, timeout=60).stdout
+    assert out.split()[1] == "glibc.malloc.hugetlb=0"
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.tcache_count=7")
     env.pop("CROSSTRAIN_HUGE_PAGES", None)
     if opt_out:
