@@ -41,7 +41,8 @@ def predicted_step_time(cfg: Config, setup, devices) -> tuple[float | None, str]
     if chip.name == "cpu":
         # The CPU's peak is the whole machine's, however many host devices are forced.
         lay = Layout(remat=cfg.model.remat, microbatch=cfg.train.batch // cfg.train.microbatches, sequence_parallel=False)
-    est = estimate(cfg.model, chip, lay, global_batch=cfg.train.batch, flash=False, compute_dtype=cfg.model.compute_dtype,
+    est = estimate(cfg.model, chip, lay, global_batch=cfg.train.batch, flash=cfg.model.attention == "splash",
+                   compute_dtype=cfg.model.compute_dtype,
                    implementation="crosstrain")
     return est.step_time_s, f"planner, {chip.name} family constants"
 
@@ -50,6 +51,7 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4) -> 
     devices = jax.devices()
     cfg, _ = apply_mesh_rule(cfg, devices)
     setup = make_setup(cfg, devices)
+    asked, cfg = cfg, setup.cfg  # every model `auto` resolved for these devices
     m, t = cfg.model, cfg.train
     tokens_per_step = t.batch * m.seq_len
     ceiling = hardware.measure_matmul_ceiling()
@@ -113,7 +115,8 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4) -> 
         # step is 30-40% slower without them.
         "huge_pages": huge_pages_active(),
         "timed_steps": len(windows) * window,
-        "config": cfg.to_dict(),
+        "resolved": setup.resolved.to_dict(),
+        "config": asked.to_dict(),
     }
 
 

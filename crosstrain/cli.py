@@ -204,7 +204,7 @@ def cmd_plan(args) -> int:
         tokens=parse_count(args.tokens, "--tokens") if args.tokens else None,
         parallelism=parse_parallelism(args.parallelism) if args.parallelism else None,
         remat=args.remat, price=args.price, power=args.power, power_cap=args.power_cap, pue=args.pue,
-        objective=args.objective,
+        objective=args.objective, slices=args.slices,
     )
     if args.compare:
         targets = parse_compare(args.compare)
@@ -224,7 +224,8 @@ def cmd_plan(args) -> int:
         from crosstrain.hardware import get_chip
         from crosstrain.planner.aot import compile_step
 
-        result["aot"] = compile_step(cfg, get_chip(args.chip), result["parallelism"], result["chips"], result["remat"])
+        result["aot"] = compile_step(cfg, get_chip(args.chip), result["parallelism"], result["chips"], result["remat"],
+                                     slices=args.slices)
     print(json.dumps(result, indent=1) if args.json else report.plan_table(result))
     return 0
 
@@ -279,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chips", type=int)
     p.add_argument("--tokens", help="token budget, e.g. 6.3T (default: the preset's steps x batch x seq_len)")
     p.add_argument("--parallelism", help="pin a layout: tp=..,pp=..,dp=..,fsdp=..,cp=..,microbatch=.. (default: search)")
-    p.add_argument("--remat", choices=["none", "selective", "full"], help="pin the recomputation policy (default: search)")
+    p.add_argument("--remat", choices=["none", "selective", "dots", "attention", "full"],
+                   help="pin the recomputation policy (default: search)")
+    p.add_argument("--slices", type=int, default=1,
+                   help="TPU slices the chips form (multi-slice: data parallelism across slices over DCN)")
     p.add_argument("--objective", choices=["time", "cost"], default="time",
                    help="time: fastest layout on --chips; cost: cheapest run using up to --chips")
     p.add_argument("--price", type=float, help="USD per chip-hour (default: the catalog's list price)")

@@ -47,17 +47,26 @@ class ModelConfig:
     # and every bf16 activation costs conversions (docs/performance.md); the compute dtype on
     # accelerators, where bf16 activations halve activation memory.
     activation_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    # Activation recomputation in the backward pass: keep everything, keep only matmul outputs,
-    # or keep only each layer's input.
-    remat: Literal["none", "selective", "full"] = "none"
+    # Activation recomputation in the backward pass (model/transformer.py REMAT_POLICIES):
+    # none keeps everything; selective keeps the weight matmuls' outputs (q/k/v, attention output
+    # and its projection, MLP gate/up) in the activation dtype; dots keeps every weight matmul's
+    # output as computed (JAX's dots_with_no_batch_dims_saveable) and the attention kernel's
+    # residuals; attention keeps only the attention output (with Splash, the kernel's own output
+    # and log-sum-exp) and recomputes the rest; full keeps only each layer's input. "auto": the
+    # least recomputation whose planned memory fits the device (crosstrain/resolve.py).
+    remat: Literal["auto", "none", "selective", "dots", "attention", "full"] = "auto"
     # lax.scan over stacked layers compiles once per layer shape; unrolled lets XLA fuse across.
     scan_layers: bool = True
-    # Attention kernel; "auto" takes the first available for the backend (model/attention.py).
-    attention: Literal["auto", "reference", "fused", "xla", "cudnn"] = "auto"
+    # Attention kernel (model/attention.py); "auto": Splash on TPU where the shape allows it,
+    # cuDNN on NVIDIA GPUs, the fused reference on CPU, the reference elsewhere.
+    attention: Literal["auto", "reference", "fused", "xla", "cudnn", "splash"] = "auto"
     # Transposed operands of the hand-written backward GEMMs (model/fused.py): "fold" leaves them
     # to the compiler, "copy" makes a row-major copy first (XLA CPU runs bf16 GEMMs only on
-    # row-major operands); "auto": copy on a CPU backend.
+    # row-major operands); "auto": copy on a CPU, fold elsewhere.
     dot_transposes: Literal["auto", "fold", "copy"] = "auto"
+    # How Pallas kernels (Splash) run: compiled for the TPU, or in Pallas interpret mode on any
+    # backend (slow; for tests and debugging). "auto": compiled on TPU, interpreted elsewhere.
+    kernel_mode: Literal["auto", "compiled", "interpret"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,10 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # Data parallelism across TPU slices joined by the data-centre network (multi-slice): the
+    # outermost axis, so only gradient reductions cross the slow link. A mesh rule sets it to the
+    # number of slices the devices span when the config leaves it unsaid.
+    slice: int = 1
     # A mesh rule name (parallel/mesh.py), "auto" to pick one from the device kind, or "none".
     rule: str = "auto"
 
@@ -465,14 +478,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.batch", f"{t.batch} is not divisible by train.microbatches ({t.microbatches})")
 
     fills = 0
-    for key in ("data", "fsdp", "tensor"):
+    for key in ("slice", "data", "fsdp", "tensor"):
         v = getattr(mesh, key)
         if v == -1:
             fills += 1
         elif v < 1:
             raise ConfigError(f"mesh.{key}", f"must be a positive size or -1, got {v}")
     if fills > 1:
-        raise ConfigError("mesh", "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        raise ConfigError("mesh", "at most one of mesh.slice, mesh.data, mesh.fsdp, mesh.tensor may be -1")
 
     if d.max_bytes < 0:
         raise ConfigError("data.max_bytes", f"must be >= 0, got {d.max_bytes}")
@@ -539,6 +552,7 @@ RESUMABLE_KEYS = {
     "model.attention",
     "model.activation_dtype",
     "model.dot_transposes",
+    "model.kernel_mode",
 }
 
 

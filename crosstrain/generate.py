@@ -46,8 +46,8 @@ class Generation:
 
 
 def load_run(run_dir: Path, *, step: Optional[int] = None) -> tuple[Config, Any, int]:
-    """The run's config and the parameters of its latest (or given) committed checkpoint, on one
-    device."""
+    """The run's config (every model `auto` resolved for one local device) and the parameters of
+    its latest (or given) committed checkpoint, on that device."""
     from crosstrain.train.checkpoint import Checkpointer
     from crosstrain.train.loop import abstract_train_state, make_setup
 
@@ -65,7 +65,7 @@ def load_run(run_dir: Path, *, step: Optional[int] = None) -> tuple[Config, Any,
             state, _ = ckpt.restore(step, abstract_train_state(setup))
     finally:
         ckpt.close()
-    return cfg, state.params, step
+    return setup.cfg, state.params, step
 
 
 def filter_logits(logits: jax.Array, s: Sampling) -> jax.Array:

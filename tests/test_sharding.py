@@ -194,7 +194,7 @@ def test_two_processes_match_one(tmp_path):
                          env=_cli_env(), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout[-3000:]
     assert "[p0]" in two.stdout and "[p1]" in two.stdout
-    assert "mesh data=1 fsdp=4 tensor=1" in two.stdout and "in 2 process(es)" in two.stdout
+    assert "mesh slice=1 data=1 fsdp=4 tensor=1" in two.stdout and "in 2 process(es)" in two.stdout
     np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5)
     assert not (tmp_path / "two" / "metrics.jsonl.tmp").exists()
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from crosstrain.config import ModelConfig, dtype_of
-from crosstrain.model.attention import attention
+from crosstrain.model.attention import ATTENTION_RESIDUALS, attention
 from crosstrain.model.fused import output_cross_entropy, qkv_projection, swiglu_mlp
 from crosstrain.parallel.rules import constrain
 
@@ -73,16 +73,22 @@ def _rope_bwd(res, dy):
 apply_rope.defvjp(_rope_fwd, _rope_bwd)
 
 
+# Model code takes its choices as given: `crosstrain.resolve.resolve_model` decides every "auto"
+# from the mesh's devices before the model is called. An unresolved "auto" here means the
+# portable choice (reference attention, activations in the compute dtype, transposes left to the
+# compiler, nothing recomputed, Pallas kernels compiled).
+
+
 def activation_dtype(cfg: ModelConfig):
-    if cfg.activation_dtype == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else dtype_of(cfg.compute_dtype)
-    return dtype_of(cfg.activation_dtype)
+    return dtype_of(cfg.compute_dtype if cfg.activation_dtype == "auto" else cfg.activation_dtype)
 
 
 def copy_transposes(cfg: ModelConfig) -> bool:
-    if cfg.dot_transposes == "auto":
-        return jax.default_backend() == "cpu"
     return cfg.dot_transposes == "copy"
+
+
+def interpret_kernels(cfg: ModelConfig) -> bool:
+    return cfg.kernel_mode == "interpret"
 
 
 def _dense(spec: str, x: jax.Array, w: jax.Array, cdt, adt) -> jax.Array:
@@ -124,7 +130,7 @@ def _block(cfg: ModelConfig, x, p, cos, sin, q_pos, kv_pos, cache_kv, start_pos)
         k, v = ck.astype(adt), cv.astype(adt)
     with jax.named_scope("attention"):
         o = attention(q.astype(cdt), k.astype(cdt), v.astype(cdt), q_pos=q_pos, kv_pos=kv_pos, impl=cfg.attention,
-                      copy_transposes=copy_transposes(cfg))
+                      copy_transposes=copy_transposes(cfg), interpret=interpret_kernels(cfg))
         o = checkpoint_name(o, "attn_out")
     with jax.named_scope("attn_out_proj"):
         x = x + checkpoint_name(_dense("bshk,hkd->bsd", o, p["wo"], cdt, adt), "attn_proj")
@@ -138,19 +144,38 @@ def _block(cfg: ModelConfig, x, p, cos, sin, q_pos, kv_pos, cache_kv, start_pos)
     return x, new_cache
 
 
-SELECTIVE_SAVED = ("qkv", "attn_out", "attn_proj", "mlp_gate_up")
+# selective: the outputs of the weight matmuls in the activation dtype (q/k/v, the attention output
+# and its projection, the MLP gate and up) and the attention kernel's residuals; norms, RoPE and the
+# elementwise work are recomputed (Korthikanti et al. 2022). Named rather than "every dot": a dot's
+# fp32 accumulator would be saved at twice the bytes.
+SELECTIVE_SAVED = ("qkv", "attn_out", "attn_proj", "mlp_gate_up", ATTENTION_RESIDUALS)
+REMAT_POLICIES = ("none", "selective", "dots", "attention", "full")
+
+
+def remat_policy(policy: str):
+    """The jax.checkpoint policy of a remat name (None: save nothing but the layer input)."""
+    cp = jax.checkpoint_policies
+    if policy == "selective":
+        return cp.save_only_these_names(*SELECTIVE_SAVED)
+    if policy == "dots":
+        # Every matmul output as computed, as JAX's dots_with_no_batch_dims_saveable (MaxText's
+        # "minimal"), plus the attention kernel's residuals.
+        return cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                          cp.save_only_these_names("attn_out", ATTENTION_RESIDUALS))
+    if policy == "attention":
+        # Only the attention output (Splash: its output and log-sum-exp): the backward recomputes
+        # every matmul and elementwise op of the layer but not the attention itself.
+        return cp.save_only_these_names("attn_out", ATTENTION_RESIDUALS)
+    return None
 
 
 def _remat(fn, policy: str):
-    if policy == "none":
+    if policy in ("none", "auto"):
         return fn
-    if policy == "full":
-        return jax.checkpoint(fn)
-    # "selective": keep the outputs of the weight matmuls in the activation dtype (q/k/v, the
-    # attention output and its projection, the MLP gate and up), recompute norms, RoPE, the
-    # attention scores and softmax and the elementwise work (Korthikanti et al. 2022). Named
-    # rather than "every dot": a dot's fp32 accumulator would be saved at twice the bytes.
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*SELECTIVE_SAVED))
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}")
+    saved = remat_policy(policy)
+    return jax.checkpoint(fn) if saved is None else jax.checkpoint(fn, policy=saved)
 
 
 def unstack_layers(layers: Params, n: int) -> list[Params]:

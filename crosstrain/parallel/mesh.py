@@ -1,4 +1,7 @@
-"""The device mesh: (data, fsdp, tensor), sized from the config, checked before anything compiles."""
+"""The device mesh: (slice, data, fsdp, tensor), sized from the config, checked before anything compiles.
+
+`slice` is data parallelism across TPU slices (multi-slice: slices joined by the data-centre
+network, DCN); the other three axes live inside a slice, on its ICI links."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from jax.sharding import Mesh
 from crosstrain.config import Config, MeshConfig
 from crosstrain.errors import ConfigError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("slice", "data", "fsdp", "tensor")
 
 
 @dataclass(frozen=True)
@@ -23,15 +26,16 @@ class MeshShape:
     data: int
     fsdp: int
     tensor: int
+    slice: int = 1
 
     @property
-    def sizes(self) -> tuple[int, int, int]:
-        return (self.data, self.fsdp, self.tensor)
+    def sizes(self) -> tuple[int, int, int, int]:
+        return (self.slice, self.data, self.fsdp, self.tensor)
 
     @property
     def batch_shards(self) -> int:
-        """How many ways the global batch is split (data x fsdp)."""
-        return self.data * self.fsdp
+        """How many ways the global batch is split (slice x data x fsdp)."""
+        return self.slice * self.data * self.fsdp
 
 
 def resolve_shape(mesh: MeshConfig, n_devices: int) -> MeshShape:
@@ -49,7 +53,7 @@ def resolve_shape(mesh: MeshConfig, n_devices: int) -> MeshShape:
     if product != n_devices:
         raise ConfigError(
             "mesh",
-            f"data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = {product}, "
+            f"slice={sizes['slice']} x data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = {product}, "
             f"but there are {n_devices} devices",
         )
     return MeshShape(**sizes)
@@ -67,12 +71,36 @@ def check_model_fits_mesh(cfg: Config, shape: MeshShape) -> None:
         raise ConfigError(
             "train.batch",
             f"the microbatch of {micro} sequences (train.batch / train.microbatches) is not divisible by the "
-            f"data-parallel size mesh.data x mesh.fsdp = {shape.batch_shards}",
+            f"data-parallel size mesh.slice x mesh.data x mesh.fsdp = {shape.batch_shards}",
         )
+
+
+def slice_count(devices: Sequence[jax.Device]) -> int:
+    """How many TPU slices the devices span (1 where devices carry no slice index)."""
+    return len({getattr(d, "slice_index", 0) or 0 for d in devices})
 
 
 def build_mesh(shape: MeshShape, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
+    if shape.slice > 1:
+        # Hybrid mesh: the slice axis over the data-centre network, the rest inside each slice.
+        if slice_count(devices) != shape.slice:
+            raise ConfigError("mesh.slice", f"mesh.slice={shape.slice}, but the devices span {slice_count(devices)} slice(s)")
+        from jax.experimental import mesh_utils
+
+        ici = (1, shape.data, shape.fsdp, shape.tensor)
+        dcn = (shape.slice, 1, 1, 1)
+        try:
+            arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, allow_split_physical_axes=True)
+        except (ValueError, AssertionError, NotImplementedError):
+            # Devices mesh_utils does not lay out (TPU v4 per TensorCore, as libtpu's topologies
+            # give them): each slice in device order, slices stacked on the slice axis.
+            by_slice: dict[int, list] = {}
+            for d in devices:
+                by_slice.setdefault(getattr(d, "slice_index", 0) or 0, []).append(d)
+            arr = np.stack([np.asarray(sorted(ds, key=lambda d: d.id)).reshape(ici[1:])
+                            for _, ds in sorted(by_slice.items())])
+        return Mesh(arr, AXES)
     try:
         # Topology-aware placement on TPU and GPU (neighbours on the fast axes).
         from jax.experimental import mesh_utils
@@ -146,6 +174,9 @@ def apply_mesh_rule(cfg: Config, devices: Sequence[jax.Device]) -> tuple[Config,
         return cfg, None
     n = len(devices)
     sizes = {a: getattr(cfg.mesh, a) for a in AXES if f"mesh.{a}" in cfg.explicit}
+    if "slice" not in sizes:
+        # Devices that span slices: data parallelism across them, everything else inside one.
+        sizes["slice"] = slice_count(devices)
     fixed = int(np.prod([v for v in sizes.values() if v != -1])) if sizes else 1
     remaining = n // fixed if fixed and n % fixed == 0 else n
     has_fill = any(v == -1 for v in sizes.values())

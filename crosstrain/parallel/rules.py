@@ -1,9 +1,10 @@
 """Logical axis names -> mesh axes.
 
 Model code names the axes of its arrays (`embed`, `mlp`, `heads`, ...) and never a mesh axis. This
-table decides where each logical axis lives on the mesh (`data`, `fsdp`, `tensor`):
+table decides where each logical axis lives on the mesh (`slice`, `data`, `fsdp`, `tensor`):
 
-- `batch` over data x fsdp: every data-parallel and FSDP rank takes its own slice of the batch.
+- `batch` over slice x data x fsdp: every data-parallel and FSDP rank takes its own part of the
+  batch (`slice` is data parallelism across TPU slices, over the data-centre network).
 - `embed` (the model width of weights) over fsdp: ZeRO-3 style sharding of parameters and
   optimizer state; XLA all-gathers a layer's weights before use and reduce-scatters its grads.
 - `heads`, `kv_heads`, `mlp`, `vocab` over tensor: Megatron-style tensor parallelism (column
@@ -25,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 LogicalAxes = tuple[Optional[str], ...]
 
 DEFAULT_RULES: dict[str, tuple[str, ...] | str | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("slice", "data", "fsdp"),
     "embed": "fsdp",
     "act_embed": None,
     "heads": "tensor",
@@ -77,6 +78,11 @@ def activate(mesh: Mesh, rules: dict | None = None) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active_mesh() -> Optional[tuple[Mesh, dict]]:
+    """The (mesh, rules) of the enclosing `activate`, or None (for kernels run under shard_map)."""
+    return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:

@@ -1,13 +1,22 @@
 """Ahead-of-time compilation of crosstrain's real train step for a TPU topology, on this machine.
 
-libtpu (the `tpu` extra) compiles for TPU devices that are not present: the compiled program
-reports XLA's per-chip memory (arguments + temporaries + outputs not aliased to donated inputs) and
-FLOPs. The step is compiled at the model's real depth with scanned layers (the layer body compiles
-once whatever the depth, so this costs no more than a shallow proxy; 1- and 2-layer programs were
-tried and XLA's buffer assignment is not linear enough at small depths to extrapolate from them),
-and again one layer shallower for the per-layer figure, on a slice of at most 64 chips with the
-plan's per-rank batch. The planner is evaluated on exactly that program, so the two numbers
-compare like with like.
+libtpu (the `tpu` extra) compiles for TPU devices that are not present. The step is compiled for
+the plan's own topology where libtpu knows it (1024 v5p chips is `v5p:8x8x16`), with the plan's
+layout as the mesh, the plan's microbatches as gradient accumulation, scanned layers at the
+model's real depth, and every `auto` resolved for those TPU devices (`crosstrain.resolve`): so
+Splash attention where the shape allows it, bf16 activations, transposes folded. Several slices
+(`slices`) compile as a multi-slice topology with a hybrid mesh: data parallelism across slices
+over the data-centre network, the rest inside each slice.
+
+What comes back, beside the planner's own figures for the same program:
+- `memory_per_chip_gib`: XLA's per-chip memory (arguments + temporaries + outputs not aliased to
+  donated inputs), or `fits: false` with what XLA asked for when the compiler refuses.
+- `xla_estimated_step_s`: the `optimal_seconds` of XLA's TPU cost analysis of the compiled step.
+  It is XLA's roofline estimate of the HLO: it counts a `while` body (the scanned layers, the
+  microbatch loop) once, not once per iteration, and sees nothing inside Mosaic kernels (Splash)
+  or collectives' overlap. crosstrain therefore compiles a one-layer and a two-layer program beside
+  the real one and scales: per-layer x layers x microbatches + the rest
+  (`xla_estimate_basis` says what was done).
 """
 
 from __future__ import annotations
@@ -15,19 +24,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
+import time
+from typing import Any, Optional
 
 from crosstrain.config import Config
 from crosstrain.errors import UserError
 from crosstrain.hardware import GIB, Chip
 
-TOPOLOGIES = {  # chips -> topology name, per TPU generation (small slices that compile quickly)
-    "tpu-v4": {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4"},
-    "tpu-v5p": {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4"},
-    "tpu-v5e": {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8"},
-    "tpu-v6e": {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8"},
-}
 PREFIX = {"tpu-v4": "v4", "tpu-v5p": "v5p", "tpu-v5e": "v5e", "tpu-v6e": "v6e"}
+# The largest single slice (ICI domain) per generation; more chips take several slices.
+MAX_SLICE = {"tpu-v4": 4096, "tpu-v5p": 8960, "tpu-v5e": 256, "tpu-v6e": 256}
 
 
 def available() -> bool:
@@ -36,14 +42,42 @@ def available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
-def _proxy_mesh(parallelism: dict[str, int], chips: int) -> tuple[int, dict[str, int]]:
-    """A crosstrain mesh on at most 64 chips with the plan's tensor parallelism and batch split."""
-    tp = parallelism.get("tp", 1)
-    n = min(chips, 64)
-    n = max(tp, 4, 2 ** int(math.log2(max(n, 1))))
-    fsdp = n // tp if parallelism.get("fsdp", 1) > 1 else 1
-    data = n // (tp * fsdp)
-    return n, {"data": data, "fsdp": fsdp, "tensor": tp}
+def slice_topology(chip: str, chips: int) -> str:
+    """The topology name of one slice of `chips` chips ("v5p:8x8x16"), or a UserError."""
+    if chip not in PREFIX:
+        raise UserError(f"--aot: ahead-of-time compilation is for TPU chips ({', '.join(PREFIX)}), not {chip}")
+    if chips < 4 or chips & (chips - 1):
+        raise UserError(f"--chips: {PREFIX[chip]} slices compiled here have a power-of-two number of chips >= 4, got {chips}")
+    if chips > MAX_SLICE[chip]:
+        raise UserError(f"--chips: one {PREFIX[chip]} slice has at most {MAX_SLICE[chip]} chips, got {chips} "
+                        f"(use --slices)")
+    if chip in ("tpu-v4", "tpu-v5p"):  # 3D torus: grow the smallest later dimension first
+        dims = [2, 2, 1]
+        while math.prod(dims) < chips:
+            i = min(range(3), key=lambda j: (dims[j], -j))
+            dims[i] *= 2
+        dims.sort()
+        dims = [dims[1], dims[2], dims[0]] if dims[0] == 1 else dims
+    else:  # 2D torus
+        dims = [2, 2]
+        while math.prod(dims) < chips:
+            dims[0 if dims[0] < dims[1] else 1] *= 2
+        dims.sort()
+    return f"{PREFIX[chip]}:{'x'.join(map(str, dims))}"
+
+
+def topology_devices(chip: str, chips: int, slices: int = 1) -> tuple[str, list]:
+    from jax.experimental import topologies
+
+    if slices < 1 or chips % slices:
+        raise UserError(f"--slices: {slices} does not divide --chips {chips}")
+    name = slice_topology(chip, chips // slices)
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=name, num_slices=slices)
+    except Exception as e:  # libtpu's refusal of a topology is a user-facing answer
+        raise UserError(f"--chips: libtpu does not know the topology {name} x {slices} slice(s): "
+                        f"{str(e).strip().splitlines()[0][:160]}") from None
+    return name, list(desc.devices)
 
 
 def _refusal(message: str) -> dict[str, Any]:
@@ -57,79 +91,145 @@ def _refusal(message: str) -> dict[str, Any]:
             "xla_error": f"{found.group(1).strip()} need {need:.2f} GiB, more than the chip's HBM"}
 
 
-def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: int, remat: str) -> dict[str, Any]:
-    import jax
-    from jax.experimental import topologies
-
-    from crosstrain.config import config_from_dict
+def _compile(cfg: Config, devices) -> tuple[Any, Any]:
+    """(compiled step, setup) for `cfg` on `devices`; raises JaxRuntimeError on refusal."""
     from crosstrain.parallel.rules import activate
-    from crosstrain.planner.model import Layout, estimate
     from crosstrain.train.loop import abstract_train_state, compile_train_step, make_setup
 
-    if chip.name not in TOPOLOGIES:
-        raise UserError(f"--aot: ahead-of-time compilation is for TPU chips ({', '.join(TOPOLOGIES)}), not {chip.name}")
+    setup = make_setup(cfg, devices)
+    with activate(setup.mesh):
+        return compile_train_step(setup.cfg, setup, abstract_train_state(setup)), setup
+
+
+def _analysis(compiled) -> dict[str, float]:
+    ma = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    total = ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+    return {"bytes": float(total), "arguments": float(ma.argument_size_in_bytes),
+            "flops": float(cost.get("flops", 0.0)), "seconds": float(cost.get("optimal_seconds", 0.0))}
+
+
+def _program(cfg: Config, *, layers: int, remat: str, batch: int, microbatches: int, mesh: dict[str, int],
+             scan: bool = True) -> Config:
+    from crosstrain.config import config_from_dict
+
+    raw = cfg.to_dict()
+    raw["model"].update({"layers": layers, "remat": remat, "scan_layers": scan})
+    raw["train"].update({"batch": batch, "microbatches": microbatches})
+    raw["mesh"] = {**mesh, "rule": "none"}
+    raw["data"] = {}
+    raw["init"] = {}
+    return config_from_dict(raw)
+
+
+def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: int, remat: str, *,
+                 slices: int = 1, estimate_layers: bool = True) -> dict[str, Any]:
+    """Compile the plan's step for its topology and compare with the planner.
+
+    `estimate_layers`: also compile unrolled 1- and 2-layer programs of one microbatch to scale
+    XLA's time estimate (seconds each, even at 1024 chips)."""
+    import jax
+
+    from crosstrain.planner.model import Layout, estimate
+
     if not available():
         raise UserError("--aot: libtpu is not installed (pip install 'crosstrain[tpu]')")
     if parallelism.get("pp", 1) > 1 or parallelism.get("cp", 1) > 1:
         raise UserError("--aot: crosstrain's train step has no pipeline or context parallelism; plan with pp=1, cp=1")
-    n, mesh = _proxy_mesh(parallelism, chips)
-    topo_name = f"{PREFIX[chip.name]}:{TOPOLOGIES[chip.name][n]}"
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=topo_name).devices
-    per_rank = cfg.train.batch // max(1, parallelism.get("dp", 1) * parallelism.get("fsdp", 1))
-    micro = parallelism.get("microbatch", per_rank)
-    ranks = mesh["data"] * mesh["fsdp"]
-    batch = micro * ranks
+    topo, devices = topology_devices(chip.name, chips, slices)
+    tp, fsdp, dp = parallelism.get("tp", 1), parallelism.get("fsdp", 1), parallelism.get("dp", 1)
+    if dp % slices:
+        raise UserError(f"--slices: the plan's data parallelism ({dp}) is not a multiple of {slices} slices")
+    # libtpu lays TPU v4 topologies out per TensorCore (2 devices a chip) where JAX on a v4 host
+    # runs one megacore device a chip: the extra factor goes to the batch axes, and a chip's
+    # memory is the sum of its cores'.
+    cores = max(1, len(devices) // chips)
+    if cores > 1:
+        if fsdp > 1:
+            fsdp *= cores
+        else:
+            dp *= cores
+    mesh = {"slice": slices, "data": dp // slices, "fsdp": fsdp, "tensor": tp}
+    ranks = dp * fsdp
+    per_rank = cfg.train.batch // ranks
+    if per_rank < 1:
+        raise UserError(f"--aot: train.batch ({cfg.train.batch}) is smaller than the {ranks} batch shards of the compiled mesh")
+    micro = min(max(1, parallelism.get("microbatch", per_rank) // cores), per_rank)
+    n_micro = max(1, per_rank // micro)
+    batch = micro * n_micro * ranks
     L = cfg.model.layers
-    lay = Layout(tp=mesh["tensor"], dp=mesh["data"], fsdp=mesh["fsdp"], microbatch=micro, remat=remat, sequence_parallel=False)
-    planner = estimate(dataclasses.replace(cfg.model, remat=remat), chip, lay, global_batch=batch, flash=False,
-                       implementation="crosstrain")
+    program = _program(cfg, layers=L, remat=remat, batch=batch, microbatches=n_micro, mesh=mesh)
+    from crosstrain.resolve import resolve_model
+
+    model, resolved = resolve_model(program.model, devices)
+    flash = model.attention == "splash"
+    lay = Layout(tp=tp, dp=dp // (1 if fsdp > 1 else cores), fsdp=fsdp // (cores if fsdp > 1 else 1),
+                 microbatch=micro * cores, remat=remat, sequence_parallel=False)
+    planner = estimate(model, chip, lay, global_batch=batch, flash=flash, implementation="crosstrain",
+                       slice_chips=chips // slices)
     planner_bytes = sum(v for k, v in planner.memory.items() if k != "reserved")
     out: dict[str, Any] = {
-        "topology": topo_name,
-        "proxy": f"{n} chips, mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}, {micro} sequences "
-                 f"per rank, {L} scanned layers, remat {remat}",
+        "topology": topo + (f" x {slices} slices" if slices > 1 else ""),
+        "slices": slices,
+        "chips": chips,
+        "devices_per_chip": cores,
+        "mesh": mesh,
+        "program": f"{L} scanned layers, {batch} sequences of {cfg.model.seq_len} ({n_micro} microbatch(es) of "
+                   f"{micro} per rank), remat {remat}",
+        "attention": model.attention,
+        "resolved": resolved.to_dict(),
         "planner_memory_per_chip_gib": planner_bytes / GIB,
+        "planner_step_time_s": planner.step_time_s,
+        "planner_compute_s": planner.time["compute_s"],
         "capacity_gib": chip.hbm_gib,
     }
-    results = {}
-    for layers in (L, L - 1) if L > 1 else (1, 2):
-        raw = cfg.to_dict()
-        # Compile what a TPU would run: scanned layers, the TPU's attention choice and activation
-        # dtype rather than this CPU host's "auto" picks.
-        raw["model"].update({"layers": layers, "remat": remat, "scan_layers": True})
-        if raw["model"].get("attention", "auto") == "auto":
-            raw["model"]["attention"] = "reference"
-        if raw["model"].get("activation_dtype", "auto") == "auto":
-            raw["model"]["activation_dtype"] = raw["model"]["compute_dtype"]
-        if raw["model"].get("dot_transposes", "auto") == "auto":
-            raw["model"]["dot_transposes"] = "fold"
-        raw["train"].update({"batch": batch, "microbatches": 1})
-        raw["mesh"] = {**mesh, "rule": "none"}
-        raw["data"] = {}
-        proxy = config_from_dict(raw)
-        setup = make_setup(proxy, devices)
-        with activate(setup.mesh):
-            try:
-                compiled = compile_train_step(proxy, setup, abstract_train_state(setup))
-            except jax.errors.JaxRuntimeError as e:
-                if "RESOURCE_EXHAUSTED" not in str(e):
-                    raise
-                # The compiler refuses a program that cannot fit: that is the answer, not a failure.
-                return {**out, "fits": False, "memory_per_chip_gib": None, "planner_rel_error": None,
-                        **_refusal(str(e))}
-        ma = compiled.memory_analysis()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        total = ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-        results[layers] = (total, ma.argument_size_in_bytes, float(cost.get("flops", 0.0)))
-    deeper, shallower = max(results), min(results)
-    memory = results[L][0]
-    return {
+    t0 = time.perf_counter()
+    try:
+        compiled, _ = _compile(program, devices)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # The compiler refuses a program that cannot fit: that is the answer, not a failure.
+        refusal = _refusal(str(e))
+        if refusal["xla_required_gib"] is not None:
+            refusal["xla_required_gib"] *= cores  # XLA speaks per device; a v4 chip is two here
+        return {**out, "fits": False, "memory_per_chip_gib": None, "planner_rel_error": None,
+                "compile_s": time.perf_counter() - t0, **refusal}
+    compile_s = time.perf_counter() - t0
+    full = {k: v * cores if k in ("bytes", "arguments", "flops") else v for k, v in _analysis(compiled).items()}
+    del compiled
+    result = {
         **out,
-        "memory_per_chip_gib": memory / GIB,
-        "memory_per_layer_gib": (results[deeper][0] - results[shallower][0]) / GIB,
-        "parameter_and_optimizer_gib": results[L][1] / GIB,
-        "flops_per_chip": results[L][2],
-        "planner_rel_error": (planner_bytes - memory) / memory,
-        "fits": memory <= chip.hbm_gib * GIB,
+        "fits": full["bytes"] <= chip.hbm_gib * GIB,
+        "memory_per_chip_gib": full["bytes"] / GIB,
+        "parameter_and_optimizer_gib": full["arguments"] / GIB,
+        "planner_rel_error": (planner_bytes - full["bytes"]) / full["bytes"],
+        "compile_s": compile_s,
+        "xla_flops_per_chip": full["flops"],
+        "xla_optimal_seconds": full["seconds"],
     }
+    if estimate_layers and L > 2:
+        # optimal_seconds counts each while body once: scale a layer's share from 1- and 2-layer
+        # programs of one microbatch, then multiply out.
+        # Unrolled layers, one microbatch: no while loop, so every op is counted.
+        one = _analysis(_compile(_program(cfg, layers=1, remat=remat, batch=micro * ranks, microbatches=1,
+                                          mesh=mesh, scan=False), devices)[0])
+        two = _analysis(_compile(_program(cfg, layers=2, remat=remat, batch=micro * ranks, microbatches=1,
+                                          mesh=mesh, scan=False), devices)[0])
+        result["xla_layer_flops_per_chip"] = two["flops"] - one["flops"]
+        per_layer = max(two["seconds"] - one["seconds"], 0.0)
+        rest = max(one["seconds"] - per_layer, 0.0)
+        result["xla_estimated_step_s"] = n_micro * (per_layer * L + rest)
+        result["xla_estimate_basis"] = (f"1- and 2-layer programs: {per_layer * 1e3:.3f} ms per layer per "
+                                        f"microbatch x {L} layers x {n_micro} microbatches + {rest * 1e3:.3f} ms")
+    else:
+        result["xla_estimated_step_s"] = full["seconds"]
+        result["xla_estimate_basis"] = ("optimal_seconds of the compiled step as XLA reports it (while bodies "
+                                        "counted once: a lower bound)")
+    if not result["xla_estimated_step_s"]:
+        result["xla_estimated_step_s"] = None
+        result["xla_estimate_basis"] = f"XLA's cost analysis gives no optimal_seconds for {chip.name}"
+    result["attention_note"] = ("XLA's estimate does not see inside the Splash kernel (a Mosaic custom call)"
+                                if flash else "attention in XLA ops, inside XLA's estimate")
+    return result

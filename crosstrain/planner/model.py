@@ -101,7 +101,7 @@ class Layout:
     virtual_stages: int = 1  # interleaved pipeline schedule
     sequence_parallel: bool = True  # shard norm/residual activations over tp (Megatron SP)
     zero1: bool = False  # optimizer state sharded over dp
-    remat: str = "full"  # none | selective | full
+    remat: str = "full"  # none | selective | dots | attention | full
 
     @property
     def devices(self) -> int:
@@ -157,6 +157,9 @@ def total_params(m: ModelConfig, glu: bool = True) -> float:
 # attention-score element, per token and layer.
 CROSSTRAIN_NONE_BYTES_PER_ELEMENT = 5.0
 CROSSTRAIN_SCORE_BYTES = 6.3
+# With Splash attention (no scores kept), XLA's TPU memory analysis of AFM-on-device's step with
+# nothing recomputed (v5p, 8 chips, 4 x 4096 tokens per chip) keeps 3.7 bytes per element.
+CROSSTRAIN_FLASH_NONE_BYTES_PER_ELEMENT = 3.7
 
 
 def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool, glu: bool = True,
@@ -178,19 +181,42 @@ def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool
     # their inputs, the attention output, the MLP product) and q, k, v, gate, up; the attention
     # scores and the elementwise chain are recomputed.
     selective = BF16 * (4 * m.hidden / h_div + (2 * m.heads + 2 * m.kv_heads) * hd / tp + (3 if glu else 2) * m.ffn / tp)
+    layer_input = BF16 * m.hidden / h_div
+    # The attention output, and with a flash kernel its fp32 log-sum-exp per head.
+    attn_saved = BF16 * m.heads * hd / tp + (FP32 * m.heads / tp if flash else 0.0)
+    working = full_layer
     if implementation == "crosstrain":
-        # crosstrain's selective policy saves by name (model/transformer.py SELECTIVE_SAVED): q, k,
-        # v, the attention output and its projection, the MLP gate and up; the layer input is the
-        # scan carry.
-        selective = BF16 * (2 * m.hidden / h_div + (2 * m.heads + 2 * m.kv_heads) * hd / tp + 2 * m.ffn / tp)
         elements = 4 * m.hidden / h_div + (4 * m.heads + 4 * m.kv_heads) * hd / tp + (4 if glu else 2) * m.ffn / tp
-        full_layer = (CROSSTRAIN_NONE_BYTES_PER_ELEMENT * elements
-                      + CROSSTRAIN_SCORE_BYTES * m.heads * (m.seq_len / lay.cp) / tp)
+        if flash:
+            # crosstrain's step with Splash, counted from what the compiled TPU program keeps
+            # (XLA's memory analysis, docs/planner.md): Splash's residuals are q, k, v after RoPE,
+            # the scaled q, its output (bf16) and the log-sum-exp (fp32); the fused ops' custom
+            # backward rules keep their bf16 inputs (the two norm outputs).
+            attn_saved = BF16 * (3 * m.heads + 2 * m.kv_heads) * hd / tp + FP32 * m.heads / tp
+            # selective = the layer input, both norm outputs, the attention projection, q/k/v
+            # before QK-norm, Splash's residuals, the MLP gate and up.
+            selective = (4 * layer_input + BF16 * (m.heads + 2 * m.kv_heads) * hd / tp + attn_saved
+                         + BF16 * (2 if glu else 1) * m.ffn / tp)
+            full_layer = CROSSTRAIN_FLASH_NONE_BYTES_PER_ELEMENT * elements
+            # The layer being differentiated: its activations and their gradients.
+            working = 2 * full_layer
+        else:
+            # crosstrain's selective policy saves by name (model/transformer.py SELECTIVE_SAVED):
+            # q, k, v, the attention output and its projection, the MLP gate and up; the layer
+            # input is the scan carry.
+            selective = BF16 * (2 * m.hidden / h_div + (2 * m.heads + 2 * m.kv_heads) * hd / tp + 2 * m.ffn / tp)
+            full_layer = (CROSSTRAIN_NONE_BYTES_PER_ELEMENT * elements
+                          + CROSSTRAIN_SCORE_BYTES * m.heads * (m.seq_len / lay.cp) / tp)
+            working = full_layer
     return {
         "none": full_layer,
         "selective": selective,
-        "full": BF16 * m.hidden / h_div,  # only each layer's input
-        "working": full_layer,  # one layer's activations while it is recomputed / differentiated
+        # Every weight matmul's output: XLA's analysis of crosstrain's step (v5p, AFM-on-device)
+        # keeps what selective keeps, within 1% (the fused ops' backward saves their bf16 outputs).
+        "dots": selective,
+        "attention": layer_input + attn_saved,
+        "full": layer_input,  # only each layer's input
+        "working": working,  # one layer's activations while it is recomputed / differentiated
     }
 
 
@@ -206,6 +232,7 @@ def estimate(
     glu: bool = True,
     power_cap_w: Optional[float] = None,
     implementation: str = "efficient",
+    slice_chips: Optional[int] = None,
 ) -> Estimate:
     fam = family or FAMILIES[chip.family]
     flash = fam.causal_skip if flash is None else flash
@@ -219,9 +246,14 @@ def estimate(
     model_flops = flops_per_token(m, attention="full", glu=glu) * tokens_step
     dense_fwd = 2.0 * (matmul_params(m, glu=glu) - m.hidden * m.vocab)  # per token, all layers
     attn_fwd = attention_flops_per_token(m, attention=executed_attn)
-    passes = 3.0 + (1.0 if lay.remat == "full" else 0.0)  # forward, backward (2x), recomputed forward
-    dense_per_token = passes * dense_fwd
-    attn_per_token = (passes + (1.0 if lay.remat == "selective" else 0.0)) * attn_fwd
+    recompute_dense = lay.remat in ("full", "attention")
+    # forward, backward (2x), recomputed forward
+    dense_per_token = (3.0 + (1.0 if recompute_dense else 0.0)) * dense_fwd
+    # Attention is recomputed under full remat, and under selective (Megatron's definition:
+    # recompute the attention core) except in crosstrain's step with Splash, whose selective
+    # policy keeps the kernel's residuals; "attention" and "dots" keep its output.
+    recompute_attn = lay.remat == "full" or (lay.remat == "selective" and not (flash and implementation == "crosstrain"))
+    attn_per_token = (3.0 + (1.0 if recompute_attn else 0.0)) * attn_fwd
     head_per_token = 3.0 * 2.0 * m.hidden * m.vocab
     hw_flops = (dense_per_token + attn_per_token + head_per_token) * tokens_step
 
@@ -250,7 +282,7 @@ def estimate(
     elem_per_token_layer = BF16 * 3 * (10 * m.hidden / h_div + 10 * (m.heads + 2 * m.kv_heads) * m.head_dim / lay.tp + (4 if glu else 2) * m.ffn / lay.tp)
     if not flash:
         elem_per_token_layer += 3 * m.heads * (seq / lay.cp) * (2 * FP32 + 2 * BF16) / lay.tp
-    if lay.remat == "full":
+    if recompute_dense:
         elem_per_token_layer *= 4.0 / 3.0
     elem_per_token_layer *= fam.elementwise_passes
     tokens_device = tokens_step / (lay.ranks * lay.cp)
@@ -265,13 +297,13 @@ def estimate(
     def bandwidth(group: int, inner: int) -> float:
         """Per-device bandwidth (bytes/s, one direction) of a group of `group` devices whose
         members are `inner` devices apart."""
-        domain_devices = chip.link_domain * chip.devices_per_chip
+        domain_devices = min(chip.link_domain, slice_chips or chip.link_domain) * chip.devices_per_chip
         fast = chip.link_gbps * 1e9 / chip.devices_per_chip * fam.link_eff
         slow = (chip.scaleout_gbps or chip.link_gbps) * 1e9 / chip.devices_per_chip * fam.link_eff
         return fast if group * inner <= domain_devices else min(fast, slow)
 
     tp_bw = bandwidth(lay.tp, 1)
-    tp_passes = 6 if lay.remat == "full" else 4
+    tp_passes = 6 if recompute_dense else 4
     tp_volume = micro_tokens * m.hidden * BF16
     t_tp = 0.0
     if lay.tp > 1:
@@ -311,6 +343,14 @@ def estimate(
     # fp32 logits and their gradient (crosstrain's fused loss keeps one fp32 copy live).
     logits = micro_tokens * m.vocab / lay.tp * (FP32 if implementation == "crosstrain" else 2 * FP32)
     gathered = (2 * layer_params(m, glu) / lay.tp * BF16) if lay.fsdp > 1 else 0.0
+    accumulation = 0.0
+    if implementation == "crosstrain" and n_micro > 1:
+        # crosstrain's gradient accumulation (a scan over microbatches) keeps the running sum and
+        # the next microbatch's gradients in fp32: XLA's TPU memory analysis of AFM-on-device on 8
+        # v5p grows by 2 x the fp32 gradients from one microbatch to several. (With FSDP and full
+        # recomputation XLA once also hoisted the bf16 all-gathers of the weights out of the loop,
+        # keeping the whole gathered model live; docs/planner.md.)
+        accumulation = 2 * grads_b
     memory = {
         "params": params_b,
         "grads": grads_b,
@@ -318,6 +358,7 @@ def estimate(
         "activations": saved + working,
         "logits": logits,
         "fsdp_buffers": gathered,
+        "grad_accumulation": accumulation,
         "reserved": fam.reserved_gib * GIB,
     }
     total = sum(memory.values())

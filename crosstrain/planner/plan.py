@@ -41,6 +41,7 @@ class Options:
     power_cap: Optional[float] = None
     pue: float = 1.0
     objective: str = "time"
+    slices: int = 1  # TPU slices joined by the data-centre network
 
 
 def _validate(cfg: Config, chip: Chip, opts: Options) -> int:
@@ -64,8 +65,8 @@ def _validate(cfg: Config, chip: Chip, opts: Options) -> int:
     ranks = par.get("dp", 1) * par.get("fsdp", 1)
     if cfg.train.batch % ranks:
         raise UserError(f"--parallelism: dp x fsdp = {ranks} does not divide train.batch ({cfg.train.batch})")
-    if opts.remat and opts.remat not in ("none", "selective", "full"):
-        raise UserError(f"--remat: must be none, selective or full, got {opts.remat}")
+    if opts.remat and opts.remat not in ("none", "selective", "dots", "attention", "full"):
+        raise UserError(f"--remat: must be none, selective, dots, attention or full, got {opts.remat}")
     if opts.objective not in ("time", "cost"):
         raise UserError(f"--objective: must be time or cost, got {opts.objective}")
     for name, v in (("--price", opts.price), ("--power", opts.power), ("--pue", opts.pue)):
@@ -81,13 +82,34 @@ def _fixed(opts: Options) -> dict[str, Any]:
     return fixed
 
 
+def crosstrain_flash(cfg: Config, chip: Chip) -> bool:
+    """Whether crosstrain's own step runs a flash kernel on this chip (what `attention=auto`
+    resolves to there: Splash on TPU, cuDNN on NVIDIA GPUs, where the shape allows)."""
+    from crosstrain.model.attention import splash_shape_problem
+
+    m = cfg.model
+    if m.attention not in ("auto", "splash", "cudnn"):
+        return False
+    if chip.family == "tpu":
+        return m.attention in ("auto", "splash") and splash_shape_problem(m.head_dim, m.seq_len) is None
+    if chip.family == "gpu":
+        return (m.attention in ("auto", "cudnn") and m.compute_dtype == "bfloat16" and m.head_dim % 8 == 0
+                and m.head_dim <= 128)
+    return False
+
+
 def best_estimate(cfg: Config, chip: Chip, devices: int, opts: Options) -> tuple[Estimate, int]:
+    """The fastest layout crosstrain's trainer can run (no pipeline or context parallelism unless
+    pinned), priced as crosstrain's own step with the attention kernel it resolves on this chip."""
+    flash = crosstrain_flash(cfg, chip)
     est, tried = search(cfg.model, chip, devices, cfg.train.batch, fixed=_fixed(opts), compute_dtype=cfg.model.compute_dtype,
-                        power_cap_w=opts.power_cap)
+                        power_cap_w=opts.power_cap, flash=flash, implementation="crosstrain",
+                        slice_chips=opts.chips // max(1, opts.slices))
     if est is not None:
         return est, tried
     pinned = opts.parallelism and all(k in opts.parallelism for k in ("tp", "pp", "dp", "fsdp", "cp")) and opts.remat
-    smallest = smallest_memory(cfg.model, chip, devices, cfg.train.batch, fixed=_fixed(opts))
+    smallest = smallest_memory(cfg.model, chip, devices, cfg.train.batch, fixed=_fixed(opts), flash=flash,
+                               implementation="crosstrain")
     if smallest is None:
         raise UserError(f"--parallelism: no layout of {devices} devices matches the model and batch")
     if pinned:

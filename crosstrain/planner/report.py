@@ -38,14 +38,20 @@ def plan_table(r: dict[str, Any]) -> str:
     lines += [f"  note: {n}" for n in r["notes"]]
     if "aot" in r:
         a = r["aot"]
+        where = f"{a['topology']}, {a['attention']} attention, {a['program']}"
         if a["memory_per_chip_gib"] is None:
-            lines.append(f"  XLA (AOT, {a['topology']}, {a['proxy']}): does not fit: {a['xla_error']} "
-                         f"({a['capacity_gib']} GiB); planner {a['planner_memory_per_chip_gib']:.2f} GiB for the same program")
+            lines.append(f"  XLA (AOT, {where}): does not fit: {a['xla_error']} ({a['capacity_gib']} GiB); "
+                         f"planner {a['planner_memory_per_chip_gib']:.2f} GiB for the same program")
             return "\n".join(lines)
         lines.append(
-            f"  XLA (AOT, {a['topology']}, {a['proxy']}): {a['memory_per_chip_gib']:.2f} GiB per chip vs planner "
-            f"{a['planner_memory_per_chip_gib']:.2f} GiB for the same program ({100 * a['planner_rel_error']:+.0f}%)"
+            f"  XLA (AOT, {where}): {a['memory_per_chip_gib']:.2f} GiB per chip "
+            + ("(fits)" if a["fits"] else "(DOES NOT FIT)")
+            + f" vs planner {a['planner_memory_per_chip_gib']:.2f} GiB ({100 * a['planner_rel_error']:+.0f}%); compiled in "
+            f"{a['compile_s']:.0f} s"
         )
+        if a.get("xla_estimated_step_s"):
+            lines.append(f"  XLA's step estimate {a['xla_estimated_step_s']:.3f} s vs planner {a['planner_step_time_s']:.3f} s "
+                         f"(compute {a['planner_compute_s']:.3f} s); {a['attention_note']}")
     return "\n".join(lines)
 
 

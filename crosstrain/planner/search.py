@@ -10,6 +10,8 @@ from crosstrain.hardware import Chip
 from crosstrain.planner.model import Estimate, Layout, estimate
 
 REMATS = ("none", "selective", "full")
+# crosstrain's own step also has the "attention" policy (model/transformer.py).
+CROSSTRAIN_REMATS = ("none", "selective", "attention", "full")
 
 
 def divisors(n: int) -> list[int]:
@@ -31,6 +33,7 @@ def candidate_layouts(
     devices: int,
     global_batch: int,
     fixed: Optional[dict] = None,
+    remats: tuple[str, ...] = REMATS,
 ) -> Iterable[Layout]:
     """Every layout of `devices` the model and batch allow; `fixed` pins some fields."""
     fixed = fixed or {}
@@ -68,7 +71,7 @@ def candidate_layouts(
                     if pp == 1 and per_rank not in micros:
                         micros.append(per_rank)
                     for micro in choices("microbatch", micros):
-                        for remat in ([fixed["remat"]] if fixed.get("remat") else REMATS):
+                        for remat in ([fixed["remat"]] if fixed.get("remat") else remats):
                             yield Layout(tp=tp, pp=pp, dp=dp, fsdp=fsdp, cp=cp, microbatch=micro, remat=remat,
                                          zero1=bool(fixed.get("zero1", False)),
                                          virtual_stages=fixed.get("virtual_stages") or 1,
@@ -87,16 +90,23 @@ def search(
     flash: Optional[bool] = None,
     require_fit: bool = True,
     power_cap_w: Optional[float] = None,
+    implementation: str = "efficient",
+    slice_chips: Optional[int] = None,
 ) -> tuple[Optional[Estimate], int]:
     """(fastest fitting estimate or None, number of layouts tried). With require_fit=False the
-    fastest layout is returned even if none fits (fitting ones are still preferred)."""
+    fastest layout is returned even if none fits (fitting ones are still preferred).
+
+    implementation="crosstrain" searches the layouts crosstrain's trainer runs (no pipeline or
+    context parallelism, no sequence parallelism) priced as its own step."""
+    fixed = crosstrain_fixed(fixed) if implementation == "crosstrain" else fixed
     best: Optional[Estimate] = None
     best_any: Optional[Estimate] = None
     tried = 0
-    for lay in candidate_layouts(m, chip, devices, global_batch, fixed):
+    remats = CROSSTRAIN_REMATS if implementation == "crosstrain" else REMATS
+    for lay in candidate_layouts(m, chip, devices, global_batch, fixed, remats):
         tried += 1
         est = estimate(m, chip, lay, global_batch=global_batch, glu=glu, compute_dtype=compute_dtype, flash=flash,
-                       power_cap_w=power_cap_w)
+                       power_cap_w=power_cap_w, implementation=implementation, slice_chips=slice_chips)
         if best_any is None or est.step_time_s < best_any.step_time_s:
             best_any = est
         if est.fits and (best is None or est.step_time_s < best.step_time_s):
@@ -106,13 +116,24 @@ def search(
     return best, tried
 
 
+def crosstrain_fixed(fixed: Optional[dict]) -> dict:
+    """Pins for crosstrain's own trainer: pp = cp = 1 and no sequence parallelism unless given."""
+    out = dict(fixed or {})
+    for key, value in (("pp", 1), ("cp", 1), ("sequence_parallel", False)):
+        if out.get(key) is None:
+            out[key] = value
+    return out
+
+
 def smallest_memory(
-    m: ModelConfig, chip: Chip, devices: int, global_batch: int, *, fixed: Optional[dict] = None, glu: bool = True
+    m: ModelConfig, chip: Chip, devices: int, global_batch: int, *, fixed: Optional[dict] = None, glu: bool = True,
+    flash: Optional[bool] = None, implementation: str = "efficient",
 ) -> Optional[Estimate]:
     """The layout needing the least memory per device (to report a plan that does not fit)."""
+    fixed = crosstrain_fixed(fixed) if implementation == "crosstrain" else fixed
     best = None
     for lay in candidate_layouts(m, chip, devices, global_batch, fixed):
-        est = estimate(m, chip, lay, global_batch=global_batch, glu=glu)
+        est = estimate(m, chip, lay, global_batch=global_batch, glu=glu, flash=flash, implementation=implementation)
         if best is None or est.memory_per_device_gib < best.memory_per_device_gib:
             best = est
     return best

@@ -28,8 +28,9 @@ from crosstrain.data.pipeline import build_pipeline, resolve_sources
 from crosstrain.errors import UserError
 from crosstrain.flops import CROSSTRAIN_CONVENTION, flops_per_token
 from crosstrain.model import count_params, init_params, loss_fn, param_axes, params_sha256
-from crosstrain.parallel.mesh import apply_mesh_rule, build_mesh, check_model_fits_mesh, resolve_shape
+from crosstrain.parallel.mesh import AXES, apply_mesh_rule, build_mesh, check_model_fits_mesh, resolve_shape
 from crosstrain.parallel.rules import activate, logical_to_spec, named_sharding
+from crosstrain.resolve import Resolved, resolve_model
 from crosstrain.train import optimizer
 from crosstrain.train.checkpoint import Checkpointer, abstract_like
 from crosstrain.train.faults import GoodputLedger, Preemption, SpikeDetector, TrainingHalted
@@ -45,17 +46,26 @@ log = logging.getLogger("crosstrain")
 
 @dataclass
 class Setup:
+    """What a run computes with: `cfg` has every model `auto` resolved for the mesh's devices
+    (`resolved` records the choices); the user's own config is kept by the caller."""
+
     cfg: Config
     mesh: jax.sharding.Mesh
     state_shardings: TrainState
     batch_sharding: NamedSharding
     replicated: NamedSharding
+    resolved: Resolved
 
 
 def make_setup(cfg: Config, devices=None) -> Setup:
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_shape(cfg.mesh, len(devices))
     check_model_fits_mesh(cfg, shape)
+    model, resolved = resolve_model(
+        cfg.model, devices, mesh_sizes=dict(zip(AXES, shape.sizes)),
+        micro_per_rank=cfg.train.batch // cfg.train.microbatches // shape.batch_shards,
+    )
+    cfg = cfg.replace(model=model)
     mesh = build_mesh(shape, devices)
     param_sh = jax.tree.map(
         lambda axes: named_sharding(mesh, axes), param_axes(cfg.model), is_leaf=lambda x: isinstance(x, tuple)
@@ -63,7 +73,7 @@ def make_setup(cfg: Config, devices=None) -> Setup:
     replicated = NamedSharding(mesh, PartitionSpec())
     state_sh = TrainState(param_sh, optimizer.OptState(replicated, param_sh, param_sh), replicated, replicated)
     batch_sh = NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh=mesh))
-    return Setup(cfg, mesh, state_sh, batch_sh, replicated)
+    return Setup(cfg, mesh, state_sh, batch_sh, replicated, resolved)
 
 
 def init_train_state(setup: Setup) -> TrainState:
@@ -201,13 +211,14 @@ def _progress_bar(total: int, start: int):
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=True)
 
 
-def train(cfg: Config, run_dir: Path, *, started: Optional[float] = None) -> dict[str, Any]:
+def train(cfg: Config, run_dir: Path, *, started: Optional[float] = None, devices=None) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`. Returns the summary written to summary.json.
 
-    `started` is the perf_counter() reading when the process began, for the goodput ledger."""
+    `started` is the perf_counter() reading when the process began, for the goodput ledger;
+    `devices` the devices to train on (default: all)."""
     started = time.perf_counter() if started is None else started
     run_dir.mkdir(parents=True, exist_ok=True)
-    devices = jax.devices()
+    devices = list(jax.devices() if devices is None else devices)
     if cfg.init.from_hf:
         from crosstrain.hf import apply_hf_model
 
@@ -235,10 +246,14 @@ def lost_seconds(records: list[dict[str, Any]], after_step: int) -> float:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, setup: Setup, rule, started: float):
+        # `asked` is the config as the user gave it (written to config.yaml, portable); `cfg` is
+        # what runs here, every `auto` resolved for these devices.
+        self.asked = cfg
+        cfg = setup.cfg
         self.cfg, self.run_dir, self.setup, self.rule, self.started = cfg, run_dir, setup, rule, started
         self.m, self.t = cfg.model, cfg.train
         self.is_main = jax.process_index() == 0
-        self.devices = jax.devices()
+        self.devices = list(setup.mesh.devices.flat)
         self.ledger = GoodputLedger(run_dir / "goodput.json", write=self.is_main)
         self.preemption = Preemption()
         self.detector = SpikeDetector(cfg.faults.spike_sigma, cfg.faults.spike_window)
@@ -263,12 +278,15 @@ class Trainer:
         )
         shape = self.setup.mesh.shape
         log.info(
-            "devices: %d x %s (%s) in %d process(es); mesh data=%d fsdp=%d tensor=%d",
+            "devices: %d x %s (%s) in %d process(es); mesh slice=%d data=%d fsdp=%d tensor=%d",
             len(self.devices), self.devices[0].device_kind, self.devices[0].platform, jax.process_count(),
-            shape["data"], shape["fsdp"], shape["tensor"],
+            shape["slice"], shape["data"], shape["fsdp"], shape["tensor"],
         )
         if self.rule is not None:
             log.info("mesh rule %s: %s", self.rule.name, self.rule.why)
+        log.info("resolved for %s: %s", self.setup.resolved.platform, self.setup.resolved.describe())
+        for why in self.setup.resolved.why:
+            log.info("  %s", why)
         if cfg.faults.spike_sigma:
             log.info("loss-spike rollback on: %.1f sigma over %d steps", cfg.faults.spike_sigma, cfg.faults.spike_window)
 
@@ -299,7 +317,7 @@ class Trainer:
         return {
             "step": step,
             "data": {"iterator": self.batches.get_state()},
-            "config": self.cfg.fingerprint(),
+            "config": self.asked.fingerprint(),
             "spike_window": self.detector.state(),
             "nonfinite_skipped": self.nonfinite,
             "rollbacks": self.rollbacks,
@@ -312,7 +330,7 @@ class Trainer:
         cfg, m, t = self.cfg, self.m, self.t
         setup = self.setup
         if self.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(self.asked, self.run_dir / "config.yaml")
         self._log_header()
         self.pipeline = build_pipeline(cfg, run_dir=self.run_dir, write_files=self.is_main)
         self.rows = process_rows(setup)
@@ -586,6 +604,7 @@ class Trainer:
             "this_attempt": current,
             "devices": len(self.devices),
             "device_kind": self.devices[0].device_kind,
+            "resolved": self.setup.resolved.to_dict(),
             "per_device_state_bytes": self.state_bytes,
         }
         if self.is_main:
