@@ -26,6 +26,13 @@ ENV_COORDINATOR = "CROSSTRAIN_COORDINATOR"
 ENV_NUM_PROCESSES = "CROSSTRAIN_NUM_PROCESSES"
 ENV_PROCESS_ID = "CROSSTRAIN_PROCESS_ID"
 ENV_CPU_DEVICES = "CROSSTRAIN_CPU_DEVICES"
+ENV_HEARTBEAT = "CROSSTRAIN_HEARTBEAT_S"
+
+# A peer that stops answering is declared dead after this many seconds without a heartbeat
+# (JAX's default is 100 s), and then every other process is stopped by the coordination service;
+# a process at its end waits at most SHUTDOWN_S for the others (JAX's default: 300 s).
+HEARTBEAT_S = 15
+SHUTDOWN_S = 30
 
 
 @dataclass(frozen=True)
@@ -88,9 +95,17 @@ def initialize(spec: ProcessSpec) -> None:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         except (AttributeError, ValueError):
             pass  # newer JAX picks a CPU collectives backend by itself
-        jax.distributed.initialize(spec.coordinator, num_processes=spec.num_processes, process_id=spec.process_id)
+        jax.distributed.initialize(spec.coordinator, num_processes=spec.num_processes, process_id=spec.process_id,
+                                   **_timeouts())
     elif _cluster_detected():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**_timeouts())
+
+
+def _timeouts() -> dict[str, int]:
+    heartbeat = _env_int(ENV_HEARTBEAT) or HEARTBEAT_S
+    if heartbeat < 1:
+        raise UserError(f"{ENV_HEARTBEAT}: must be >= 1 second, got {heartbeat}")
+    return {"heartbeat_timeout_seconds": heartbeat, "shutdown_timeout_seconds": max(SHUTDOWN_S, 2 * heartbeat)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,13 +5,18 @@ temporary directory and renames it when complete ("committed"); crosstrain then 
 writing `manifest.json` (SHA-256 and size of every file) through a temporary file and a rename.
 Only sealed steps count:
 
-- a step Orbax committed but crosstrain never sealed (killed in between) is ignored;
+- a step Orbax committed but crosstrain never sealed (killed in between) is cleared into the trash
+  when a run starts, before anything is saved again;
 - at restore the manifest is checked against the files; a step that fails (truncated, changed or
   missing file) is reported on one line, renamed `corrupt-<step>-<time>` so it is never tried
   again, and the previous sealed step is used; if none is valid the run stops with exit 2;
 - old steps are deleted (keep the newest `keep`, plus every multiple of `keep_every`) by first
   renaming them into `.trash/` and only then removing the files, so a kill mid-deletion cannot
   leave a half-deleted step that looks valid.
+
+With several processes, process 0 alone seals, clears and moves steps; at restore the others
+wait at a barrier until it has, then every process reads the same list of steps, so no process
+ever sees a stale step (one that Orbax would refuse to save over).
 
 State is saved by Orbax as arrays (tensorstore/OCDBT) and metadata as JSON: no pickle anywhere.
 """
@@ -106,6 +111,27 @@ class Checkpointer:
 
     def sealed_steps(self) -> list[int]:
         return [s for s in self.committed_steps() if (self.step_dir(s) / MANIFEST).is_file()]
+
+    def clear_unfinished(self) -> int:
+        """Process 0, at start: trash every step that was never sealed and set aside corrupt ones
+        newer than the newest valid step, so the step list all processes read next is clean.
+        Returns how many corrupt steps were set aside."""
+        if not self.primary:
+            return 0
+        corrupt = 0
+        for step in reversed(self.committed_steps()):
+            problem = verify(self.step_dir(step))
+            if problem is None:
+                break
+            if "not sealed" in problem:
+                log.warning("checkpoint %d was never sealed (an interrupted save); cleared", step)
+                self._trash(step)
+            else:
+                log.warning("checkpoint %d is corrupt (%s); falling back to the previous one", step, problem)
+                self._set_aside(step, "corrupt")
+                corrupt += 1
+        self._empty_trash()
+        return corrupt
 
     def latest_valid_step(self, *, before: Optional[int] = None) -> Optional[int]:
         """The newest sealed step whose files match their manifest (older than `before` if
@@ -215,7 +241,15 @@ class Checkpointer:
         """(step, state, meta) of the newest valid checkpoint, None if there never was a complete
         one (a save killed before it was sealed leaves only an unsealed step: the run starts over).
         Exit 2 if sealed checkpoints exist but none is valid."""
-        any_sealed = bool(self.sealed_steps())
+        set_aside = self.clear_unfinished()
+        if jax.process_count() > 1:
+            # The others read only after process 0 has cleared, and learn what it set aside.
+            from jax.experimental import multihost_utils
+            import numpy as np
+
+            set_aside = int(multihost_utils.broadcast_one_to_all(np.int32(set_aside)))
+        self._manager.reload()
+        any_sealed = bool(self.sealed_steps()) or set_aside > 0
         step = self.latest_valid_step(before=before)
         if step is None:
             if any_sealed and before is None:

@@ -1,0 +1,163 @@
+"""Faults across processes: a worker killed at random moments never hangs the job, every restart
+resumes bit-exactly, and a peer that vanishes without a launcher is detected by the heartbeat."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ARGS = ["train", "--preset", "tiny", "--set", "model.compute_dtype=float32", "mesh.fsdp=2", "train.steps=24",
+        "train.checkpoint_every=3", "train.batch=16"]
+
+
+def _env(**extra):
+    e = dict(os.environ)
+    e.pop("XLA_FLAGS", None)
+    e.update(extra)
+    return e
+
+
+def _launch(run: Path, **kw):
+    return subprocess.Popen([sys.executable, "-m", "crosstrain", "launch", "--processes", "2", "--devices-per-process",
+                             "1", "--", *ARGS, "--run-dir", str(run)], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def _worker(process_id: int, run: Path) -> int | None:
+    """The pid of the launched worker with this process id for this run."""
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            environ = (pid_dir / "environ").read_bytes().split(b"\0")
+            cmdline = (pid_dir / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"CROSSTRAIN_PROCESS_ID={process_id}".encode() in environ and str(run).encode() in cmdline:
+            return int(pid_dir.name)
+    return None
+
+
+def _records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait(predicate, timeout=180.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _finish(run: Path) -> str:
+    """Launch the run to its end within a bounded time; its output."""
+    proc = _launch(run)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError("the run hung:\n" + out[-3000:])
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def test_killing_one_of_two_workers_at_random_moments_resumes_bit_exactly(tmp_path):
+    reference = tmp_path / "reference"
+    _finish(reference)
+    run = tmp_path / "run"
+    rng = random.Random(11)
+    kills = []
+    for attempt in range(3):
+        proc = _launch(run)
+        try:
+            n0 = len(_records(run))
+            ckdir = run / "checkpoints"
+            if attempt == 1:
+                # During a save: as soon as Orbax has a temporary directory for a step.
+                _wait(lambda: ckdir.exists() and any("tmp" in p.name for p in ckdir.iterdir()) or proc.poll() is not None)
+                moment = "during a save"
+            else:
+                target = n0 + rng.randint(2, 8)
+                _wait(lambda: len(_records(run)) >= target or proc.poll() is not None)
+                time.sleep(rng.uniform(0, 0.05))
+                moment = f"after {target} records"
+            victim = rng.randint(0, 1)
+            pid = _worker(victim, run)
+            if pid is None or proc.poll() is not None:
+                continue  # the run got to its end first
+            os.kill(pid, signal.SIGKILL)
+            kills.append(f"p{victim} {moment}")
+            t0 = time.time()
+            out, _ = proc.communicate(timeout=90)  # the whole job ends, promptly
+            assert proc.returncode != 0 and time.time() - t0 < 90, out[-2000:]
+            assert _worker(1 - victim, run) is None, "a survivor was left running"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert kills, "no kill landed"
+    _finish(run)
+    got, want = _records(run), _records(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want], kills
+    assert [r["loss"] for r in got] == [r["loss"] for r in want], kills
+    summary = lambda r: json.loads((r / "summary.json").read_text())  # noqa: E731
+    assert summary(run)["params_sha256"] == summary(reference)["params_sha256"], kills
+    ledger = json.loads((run / "goodput.json").read_text())
+    assert ledger["attempts"] >= 2 and 0 < ledger["total"]["goodput"] < 1
+
+
+def test_a_vanished_peer_ends_the_survivor_without_a_launcher(tmp_path):
+    """Two processes joined only through jax.distributed (as on a multi-host cluster, where no
+    launcher watches): SIGKILL one, and the other exits non-zero within the heartbeat window."""
+    run = tmp_path / "run"
+    port = __import__("crosstrain.parallel.distributed", fromlist=["free_port"]).free_port()
+    procs = []
+    for i in range(2):
+        env = _env(CROSSTRAIN_COORDINATOR=f"127.0.0.1:{port}", CROSSTRAIN_NUM_PROCESSES="2",
+                   CROSSTRAIN_PROCESS_ID=str(i), CROSSTRAIN_CPU_DEVICES="1", CROSSTRAIN_HEARTBEAT_S="5")
+        args = [a if a != "train.steps=24" else "train.steps=100000" for a in ARGS]
+        procs.append(subprocess.Popen([sys.executable, "-m", "crosstrain", *args, "train.log_every=50",
+                                       "--run-dir", str(run)], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        assert _wait(lambda: len(_records(run)) >= 1, timeout=300)
+        procs[1].kill()
+        t0 = time.time()
+        _, err = procs[0].communicate(timeout=120)
+        elapsed = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode != 0
+    assert elapsed < 60, f"the survivor took {elapsed:.0f} s to stop"
+    # JAX's coordination service names the peer: "Task 1 heartbeat timeout".
+    assert "task 1 heartbeat timeout" in err.lower(), err[-2000:]
+
+
+def test_a_step_committed_but_never_sealed_is_cleared_before_any_process_saves_again(tmp_path):
+    """The window between Orbax committing a step and crosstrain sealing it: a kill there leaves
+    a step directory every process can see. Process 0 clears it at the next start, and only then
+    does any process read the step list, so saving that step again cannot collide."""
+    run = tmp_path / "run"
+    _finish(run)
+    want = _records(run)
+    sha = json.loads((run / "summary.json").read_text())["params_sha256"]
+    (run / "summary.json").unlink()
+    (run / "checkpoints" / "24" / "manifest.json").unlink()  # committed, never sealed
+    out = _finish(run)
+    assert "checkpoint 24 was never sealed" in out
+    got = _records(run)
+    assert [(r["step"], r["loss"]) for r in got] == [(r["step"], r["loss"]) for r in want]
+    assert json.loads((run / "summary.json").read_text())["params_sha256"] == sha
+    assert (run / "checkpoints" / "24" / "manifest.json").is_file()
