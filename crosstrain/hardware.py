@@ -47,6 +47,7 @@ class Chip:
     power_w: float = 0.0  # per chip, for energy estimates
     price_per_hour: float = 0.0  # per chip, USD, on-demand list price (override with --price)
     family: str = "gpu"  # tpu | gpu | trainium | cpu: selects the planner's efficiency constants
+    mxu: int = 0  # systolic array dimension where it differs from the family's (TPU v6e: 256)
     sources: dict[str, str] = field(default_factory=dict)
 
     def peak_flops(self, dtype: str) -> Optional[float]:
@@ -99,7 +100,7 @@ CATALOG: dict[str, Chip] = {
         Chip(
             "tpu-v6e", "Google Cloud TPU v6e (Trillium)", (r"^TPU v6 ?lite", r"^TPU v6e"), {"bf16": 918.0},
             hbm_gib=32e9 / GIB, hbm_gbps=1638, link_gbps=400, link_domain=256, scaleout_gbps=12.5,
-            power_w=300, price_per_hour=2.70, family="tpu",
+            power_w=300, price_per_hour=2.70, family="tpu", mxu=256,
             sources={
                 "compute": "cloud.google.com/tpu/docs/v6e: 918 TFLOPS bf16, 32 GB HBM at 1638 GBps",
                 "links": "same page: 800 GBps bidirectional ICI per chip, 256-chip pod; DCN: estimate (100 Gbps per chip)",
@@ -133,6 +134,18 @@ CATALOG: dict[str, Chip] = {
                          "64 per UltraServer; EFAv3 3.2 Tbps per instance = 200 Gbps per chip (Trn2 architecture page)",
                 "power": "not published by AWS: estimate",
                 "price": "assumed $3.00 per chip-hour (~$48/h per trn2.48xlarge); check your region and override",
+            },
+        ),
+        Chip(
+            "a100-40gb", "NVIDIA A100 SXM 40GB", (r"A100.*40GB",), {"bf16": 312.0, "fp32": 19.5},
+            hbm_gib=40e9 / GIB, hbm_gbps=1555, link_gbps=300, link_domain=8, scaleout_gbps=25.0,
+            power_w=400, price_per_hour=32.77 / 8, family="gpu",
+            sources={
+                "compute": "NVIDIA A100 datasheet: 312 TFLOPS dense BF16, 19.5 FP32, 40 GB HBM2 at 1555 GB/s",
+                "links": "NVLink 3: 600 GB/s bidirectional per GPU, 8 per HGX node; 200 Gbps HDR InfiniBand per GPU "
+                         "(DGX A100)",
+                "power": "NVIDIA A100 SXM datasheet: 400 W TDP",
+                "price": "AWS EC2 on-demand p4d.24xlarge $32.77/h / 8 GPUs",
             },
         ),
         Chip(

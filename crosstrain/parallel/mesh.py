@@ -66,6 +66,12 @@ def check_model_fits_mesh(cfg: Config, shape: MeshShape) -> None:
         raise ConfigError("mesh.tensor", f"model.heads ({m.heads}) is not divisible by mesh.tensor ({shape.tensor})")
     if m.kv_heads % shape.tensor:
         raise ConfigError("mesh.tensor", f"model.kv_heads ({m.kv_heads}) is not divisible by mesh.tensor ({shape.tensor})")
+    if m.hidden % shape.fsdp:
+        raise ConfigError("mesh.fsdp", f"model.hidden ({m.hidden}) is not divisible by mesh.fsdp ({shape.fsdp}): "
+                                       "FSDP shards every weight's model width")
+    for key in ("ffn", "vocab"):
+        if getattr(m, key) % shape.tensor:
+            raise ConfigError("mesh.tensor", f"model.{key} ({getattr(m, key)}) is not divisible by mesh.tensor ({shape.tensor})")
     micro = cfg.train.batch // cfg.train.microbatches
     if micro % shape.batch_shards:
         raise ConfigError(

@@ -124,7 +124,7 @@ def _program(cfg: Config, *, layers: int, remat: str, batch: int, microbatches: 
 
 
 def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: int, remat: str, *,
-                 slices: int = 1, estimate_layers: bool = True) -> dict[str, Any]:
+                 slices: int = 1, estimate_layers: bool = True, planner_only: bool = False) -> dict[str, Any]:
     """Compile the plan's step for its topology and compare with the planner.
 
     `estimate_layers`: also compile unrolled 1- and 2-layer programs of one microbatch to scale
@@ -184,6 +184,8 @@ def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: in
         "planner_compute_s": planner.time["compute_s"],
         "capacity_gib": chip.hbm_gib,
     }
+    if planner_only:
+        return out
     t0 = time.perf_counter()
     try:
         compiled, _ = _compile(program, devices)

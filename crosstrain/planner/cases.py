@@ -10,6 +10,8 @@ published configuration most likely was. Every filled-in value is reported with 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from crosstrain.config import ModelConfig
 from crosstrain.errors import UserError
 from crosstrain.flops import flops_per_token, matmul_params
 from crosstrain.hardware import get_chip
-from crosstrain.planner.model import Estimate, Layout, estimate
+from crosstrain.planner.model import FAMILIES, Estimate, Layout, estimate
 from crosstrain.planner.search import search
 
 REQUIRED = ("id", "chip", "chips", "layers", "hidden", "heads", "ffn", "vocab", "seq_len", "metric", "value")
@@ -44,9 +46,53 @@ class CaseResult:
     step_time_s: float
     assumed: list[str] = field(default_factory=list)
     source: str = ""
+    group: str = ""
+    family: str = ""
+    loso_predicted: Optional[float] = None
+    loso_rel_error: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class Prepared:
+    """A published row turned into the planner's inputs, its layout searched once; `predict`
+    re-evaluates it cheaply under other fitted constants."""
+
+    row: dict[str, str]
+    m: ModelConfig
+    chip: Any
+    chips: int
+    batch: int
+    glu: bool
+    compute_dtype: str
+    power_cap: Optional[float]
+    layout: Layout
+    assumed: list[str]
+
+    @property
+    def group(self) -> str:
+        return (self.row.get("group") or self.row["id"]).strip()
+
+    @property
+    def family(self) -> str:
+        return self.chip.family
+
+    def estimate(self, scales: Optional[dict[str, float]] = None) -> Estimate:
+        fam = FAMILIES[self.chip.family]
+        if scales is not None:
+            fam = dataclasses.replace(fam, fitted_scale=scales.get(self.chip.family, 1.0))
+        return estimate(self.m, self.chip, self.layout, global_batch=self.batch, glu=self.glu, family=fam,
+                        compute_dtype=self.compute_dtype, power_cap_w=self.power_cap)
+
+    def predict(self, scales: Optional[dict[str, float]] = None) -> float:
+        return metric_value(self.row["metric"], self.estimate(scales), self.m, self.chip, self.chips, self.batch,
+                            self.row, self.glu)
+
+    @property
+    def actual(self) -> float:
+        return float(self.row["value"])
 
 
 def _assumptions() -> dict[str, dict[str, tuple[str, str]]]:
@@ -92,6 +138,22 @@ def read_cases(path: Path) -> list[dict[str, str]]:
 
 
 def predict_case(row: dict[str, str]) -> CaseResult:
+    return result_of(prepare_case(row))
+
+
+def result_of(p: Prepared, scales: Optional[dict[str, float]] = None) -> CaseResult:
+    est = p.estimate(scales)
+    predicted = metric_value(p.row["metric"], est, p.m, p.chip, p.chips, p.batch, p.row, p.glu)
+    actual = p.actual
+    return CaseResult(
+        id=p.row["id"], metric=p.row["metric"], predicted=predicted, actual=actual,
+        rel_error=(predicted - actual) / actual, chip=p.chip.name, chips=p.chips, layout=est.layout.describe(),
+        remat=est.layout.remat, global_batch=p.batch, step_time_s=est.step_time_s, assumed=p.assumed,
+        source=p.row.get("source", ""), group=p.group, family=p.family,
+    )
+
+
+def prepare_case(row: dict[str, str]) -> Prepared:
     assumed: list[str] = []
     table = _assumptions().get(row["id"], {})
     row = dict(row)
@@ -143,7 +205,10 @@ def predict_case(row: dict[str, str]) -> CaseResult:
     power_cap = float(cap.group(1)) if cap else None
     if power_cap:
         assumed.append(f"power cap {power_cap:.0f} W (notes column)")
-    est, _ = search(m, chip, devices, batch, fixed=fixed, glu=glu, require_fit=False, power_cap_w=power_cap)
+    precision = (row.get("precision") or "bf16").strip().lower()
+    compute_dtype = "fp8" if precision == "fp8" and chip.peak_flops("fp8") else "bfloat16"
+    est, _ = search(m, chip, devices, batch, fixed=fixed, glu=glu, require_fit=False, power_cap_w=power_cap,
+                    compute_dtype=compute_dtype)
     if est is not None and not est.fits:
         assumed.append(f"memory: the planner estimates {est.memory_per_device_gib:.0f} GiB per device, over "
                        f"the catalog's {est.capacity_gib:.0f} GiB for {chip.name}")
@@ -154,14 +219,8 @@ def predict_case(row: dict[str, str]) -> CaseResult:
             assumed.append(f"{key}={getattr(est.layout, key)} (searched)")
     if not remat:
         assumed.append(f"remat={est.layout.remat} (searched)")
-    predicted = metric_value(row["metric"], est, m, chip, chips, batch, row, glu)
-    actual = float(row["value"])
-    return CaseResult(
-        id=row["id"], metric=row["metric"], predicted=predicted, actual=actual,
-        rel_error=(predicted - actual) / actual, chip=chip.name, chips=chips, layout=est.layout.describe(),
-        remat=est.layout.remat, global_batch=batch, step_time_s=est.step_time_s, assumed=assumed,
-        source=row.get("source", ""),
-    )
+    return Prepared(row=row, m=m, chip=chip, chips=chips, batch=batch, glu=glu, compute_dtype=compute_dtype,
+                    power_cap=power_cap, layout=est.layout, assumed=assumed)
 
 
 def metric_value(metric: str, est: Estimate, m: ModelConfig, chip, chips: int, batch: int, row: dict, glu: bool) -> float:
@@ -188,17 +247,68 @@ def metric_value(metric: str, est: Estimate, m: ModelConfig, chip, chips: int, b
     return (model_flops + extra) / t / chips / 1e12
 
 
+def _summary(errors: list[float], prefix: str = "") -> dict[str, float]:
+    e = sorted(abs(x) for x in errors)
+    return {f"{prefix}median_abs_rel_error": statistics.median(e),
+            f"{prefix}p80_abs_rel_error": e[min(len(e) - 1, int(math.ceil(0.8 * len(e))) - 1)],
+            f"{prefix}max_abs_rel_error": e[-1]}
+
+
+def speed_error(r: CaseResult) -> float:
+    """How much faster the planner says the run goes than it went (+0.2: 20% faster), whatever
+    the metric: a step time is inverted, a throughput taken as it is."""
+    if r.metric == "step_time_s":
+        return r.actual / r.predicted - 1.0
+    return r.predicted / r.actual - 1.0
+
+
+def _scale_bucket(chips: int) -> str:
+    return "<= 64 chips" if chips <= 64 else "65-1024 chips" if chips <= 1024 else "> 1024 chips"
+
+
 def evaluate_cases(path: Path) -> dict[str, Any]:
+    """Each published row predicted twice: with the shipped constants (in-sample: the fitted ones
+    were fitted on every group) and leave-one-group-out (the fitted constants refitted on the other
+    groups only; crosstrain/planner/calibrate.py)."""
+    from crosstrain.planner.calibrate import fit_scales, leave_one_group_out
+
     rows = read_cases(path)
-    results = [predict_case(r) for r in rows]
-    errors = [abs(r.rel_error) for r in results]
+    prepared = [prepare_case(r) for r in rows]
+    results = [result_of(p) for p in prepared]
+    loso = leave_one_group_out(prepared)
+    for r, p in zip(results, prepared):
+        r.loso_predicted = loso[p.row["id"]]
+        r.loso_rel_error = (r.loso_predicted - r.actual) / r.actual
+    errors = [r.rel_error for r in results]
+    loso_errors = [r.loso_rel_error for r in results]
+    worst = max(range(len(results)), key=lambda i: abs(errors[i]))
+    loso_worst = max(range(len(results)), key=lambda i: abs(loso_errors[i]))
+
+    def breakdown(key) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for r in results:
+            out.setdefault(key(r), []).append(r)
+        return {k: {"count": len(v), "median_rel_error": statistics.median(x.rel_error for x in v),
+                    "median_speed_error": statistics.median(speed_error(x) for x in v),
+                    "median_abs_rel_error": statistics.median(abs(x.rel_error) for x in v),
+                    "loso_median_abs_rel_error": statistics.median(abs(x.loso_rel_error) for x in v)}
+                for k, v in sorted(out.items())}
+
+    groups = sorted({p.group for p in prepared})
     return {
         "cases": [r.to_dict() for r in results],
         "summary": {
             "count": len(results),
-            "median_abs_rel_error": statistics.median(errors),
-            "mean_abs_rel_error": statistics.fmean(errors),
-            "max_abs_rel_error": max(errors),
-            "worst": results[errors.index(max(errors))].id,
+            "groups": len(groups),
+            **_summary(errors),
+            "mean_abs_rel_error": statistics.fmean(abs(e) for e in errors),
+            "worst": results[worst].id,
+            **_summary(loso_errors, "loso_"),
+            "loso_worst": results[loso_worst].id,
+            "fitted_scales": fit_scales(prepared),
         },
+        "by_family": breakdown(lambda r: r.family),
+        "by_chip": breakdown(lambda r: r.chip),
+        "by_group": breakdown(lambda r: r.group),
+        "by_scale": breakdown(lambda r: _scale_bucket(r.chips)),
     }

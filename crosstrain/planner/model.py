@@ -76,15 +76,23 @@ class Family:
     # Memory the runtime keeps for itself per device (GiB), and the fraction of HBM usable.
     reserved_gib: float
     usable: float
+    # FITTED, the one fitted constant per family: the fraction of the modelled compute rate
+    # (matmul and attention efficiency above) that published training software reaches, fitted to
+    # the published runs of the family (crosstrain/planner/calibrate.py) and judged by
+    # leave-one-group-out cross-validation (`plan --cases`, docs/planner.md). 1.0: not fitted.
+    fitted_scale: float = 1.0
 
 
 FAMILIES: dict[str, Family] = {
     "tpu": Family("tpu", matmul_eff=0.90, width_half=96, overlap=0.9, tp_overlap=0.25, link_eff=0.8,
-                  causal_skip=True, attn_eff=0.6, elementwise_passes=1.0, reserved_gib=0.5, usable=0.97),
+                  causal_skip=True, attn_eff=0.6, elementwise_passes=1.0, reserved_gib=0.5, usable=0.97,
+                  fitted_scale=0.83),
     "gpu": Family("gpu", matmul_eff=0.75, width_half=160, overlap=0.8, tp_overlap=0.0, link_eff=0.75,
-                  causal_skip=True, attn_eff=0.4, elementwise_passes=2.5, reserved_gib=2.0, usable=0.92),
+                  causal_skip=True, attn_eff=0.4, elementwise_passes=2.5, reserved_gib=2.0, usable=0.92,
+                  fitted_scale=1.00),
     "trainium": Family("trainium", matmul_eff=0.85, width_half=128, overlap=0.7, tp_overlap=0.0, link_eff=0.7,
-                       causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.95),
+                       causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.95,
+                       fitted_scale=0.80),
     "cpu": Family("cpu", matmul_eff=0.85, width_half=64, overlap=0.0, tp_overlap=0.0, link_eff=1.0,
                   causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.8),
 }
@@ -198,8 +206,10 @@ def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool
             selective = (4 * layer_input + BF16 * (m.heads + 2 * m.kv_heads) * hd / tp + attn_saved
                          + BF16 * (2 if glu else 1) * m.ffn / tp)
             full_layer = CROSSTRAIN_FLASH_NONE_BYTES_PER_ELEMENT * elements
-            # The layer being differentiated: its activations and their gradients.
-            working = 2 * full_layer
+            # No separate working set: what the compiled program holds beyond the saved
+            # activations is a second fp32 gradient buffer (estimate() adds it), within 3% over
+            # none/selective/attention/full at dp=8 and fsdp=8/64 (docs/planner.md).
+            working = 0.0
         else:
             # crosstrain's selective policy saves by name (model/transformer.py SELECTIVE_SAVED):
             # q, k, v, the attention output and its projection, the MLP gate and up; the layer
@@ -258,23 +268,31 @@ def estimate(
     hw_flops = (dense_per_token + attn_per_token + head_per_token) * tokens_step
 
     peak = chip.peak_flops(compute_dtype) or chip.peak_flops("bfloat16")
+    # FP8 training (Transformer Engine and the like) runs the weight GEMMs in fp8; attention and
+    # everything else stay in bf16.
+    attn_peak = chip.peak_flops("bfloat16") if compute_dtype == "fp8" else peak
     if power_cap_w and chip.power_w and power_cap_w < chip.power_w:
         # Dynamic power ~ f V^2 with V ~ f: a power cap lowers the sustained clock by (cap/TDP)^(1/3).
         clock = (power_cap_w / chip.power_w) ** (1.0 / 3.0)
         peak *= clock
+        attn_peak *= clock
         notes.append(f"power cap {power_cap_w:.0f} W of {chip.power_w:.0f} W: sustained clock x{clock:.2f}")
-    peak_device = peak / chip.devices_per_chip
+    peak_device = peak / chip.devices_per_chip * fam.fitted_scale
+    attn_peak_device = attn_peak / chip.devices_per_chip * fam.fitted_scale
     ranks_batch = global_batch / lay.ranks  # sequences per data-parallel rank per step
     micro = min(lay.microbatch, ranks_batch)
     n_micro = max(1, int(round(ranks_batch / micro)))
     micro_tokens = micro * seq / lay.cp  # tokens per device per microbatch
     width = min(m.ffn / lay.tp, m.heads * m.head_dim / lay.tp, m.hidden)
-    eff = fam.matmul_eff * _shape_factor(width, fam.width_half) * _shape_factor(micro_tokens, fam.width_half)
+    # The width at which matmuls reach half their efficiency grows with the systolic array: TPU
+    # v6e has 256x256 MXUs where v4/v5e/v5p have 128x128 (cloud.google.com/tpu/docs/v6e).
+    half = fam.width_half * (chip.mxu / 128 if chip.mxu else 1)
+    eff = fam.matmul_eff * _shape_factor(width, half) * _shape_factor(micro_tokens, half)
     # The busiest pipeline stage: its share of the layers, plus the output projection (last stage).
     per_device = tokens_step / (D / lay.pp)
     t_compute = per_device * (
         (dense_per_token / lay.pp + head_per_token) / (peak_device * eff)
-        + attn_per_token / lay.pp / (peak_device * fam.attn_eff)
+        + attn_per_token / lay.pp / (attn_peak_device * fam.attn_eff)
     )
 
     # ---- memory-bound work ------------------------------------------------------------------
@@ -340,17 +358,24 @@ def estimate(
     in_flight = min(lay.pp, n_micro) if lay.pp > 1 else 1
     saved = act[lay.remat] * micro_tokens * layers_stage * in_flight
     working = act["working"] * micro_tokens * (1 if lay.remat != "none" else 0)
-    # fp32 logits and their gradient (crosstrain's fused loss keeps one fp32 copy live).
-    logits = micro_tokens * m.vocab / lay.tp * (FP32 if implementation == "crosstrain" else 2 * FP32)
+    # fp32 logits and their gradient; crosstrain's fused loss keeps one fp32 copy live with the
+    # reference attention's scores around, both with Splash (XLA's TPU memory analysis).
+    logits = micro_tokens * m.vocab / lay.tp * (FP32 if implementation == "crosstrain" and not flash else 2 * FP32)
     gathered = (2 * layer_params(m, glu) / lay.tp * BF16) if lay.fsdp > 1 else 0.0
     accumulation = 0.0
+    if implementation == "crosstrain" and flash:
+        # crosstrain's compiled step (XLA's TPU memory analysis) holds the scan's stacked layer
+        # gradients and their reduced copy: a second fp32 gradient buffer. (Where memory allows,
+        # XLA may also hoist FSDP's bf16 weight all-gathers out of the microbatch loop: seen once,
+        # +5 GiB for AFM-on-device on 8 v5p with full recomputation; not modelled.)
+        grads_b *= 2
     if implementation == "crosstrain" and n_micro > 1:
         # crosstrain's gradient accumulation (a scan over microbatches) keeps the running sum and
         # the next microbatch's gradients in fp32: XLA's TPU memory analysis of AFM-on-device on 8
         # v5p grows by 2 x the fp32 gradients from one microbatch to several. (With FSDP and full
         # recomputation XLA once also hoisted the bf16 all-gathers of the weights out of the loop,
         # keeping the whole gathered model live; docs/planner.md.)
-        accumulation = 2 * grads_b
+        accumulation = 2 * params_total / shard * FP32
     memory = {
         "params": params_b,
         "grads": grads_b,

@@ -99,16 +99,24 @@ def compare_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def cases_table(result: dict[str, Any]) -> str:
-    head = f"{'case':>26} {'metric':>22} {'predicted':>10} {'actual':>10} {'error':>7}  layout"
+    head = (f"{'case':>36} {'group':>20} {'metric':>22} {'predicted':>10} {'actual':>10} {'error':>7} "
+            f"{'LOGO':>7}  layout")
     out = [head, "-" * len(head)]
     for c in result["cases"]:
         out.append(
-            f"{c['id']:>26} {c['metric']:>22} {c['predicted']:>10.4g} {c['actual']:>10.4g} {100 * c['rel_error']:>+6.1f}%  "
-            f"{c['layout']} ({c['remat']})"
+            f"{c['id']:>36} {c['group']:>20} {c['metric']:>22} {c['predicted']:>10.4g} {c['actual']:>10.4g} "
+            f"{100 * c['rel_error']:>+6.1f}% {100 * c['loso_rel_error']:>+6.1f}%  {c['layout']} ({c['remat']})"
         )
     s = result["summary"]
     out.append(
-        f"{s['count']} cases: median |error| {100 * s['median_abs_rel_error']:.1f}%, mean {100 * s['mean_abs_rel_error']:.1f}%, "
-        f"worst {100 * s['max_abs_rel_error']:.1f}% ({s['worst']})"
+        f"{s['count']} cases in {s['groups']} groups: median |error| {100 * s['median_abs_rel_error']:.1f}% in sample, "
+        f"{100 * s['loso_median_abs_rel_error']:.1f}% leave-one-group-out (p80 {100 * s['p80_abs_rel_error']:.1f}% / "
+        f"{100 * s['loso_p80_abs_rel_error']:.1f}%, worst {100 * s['max_abs_rel_error']:.1f}% ({s['worst']}) / "
+        f"{100 * s['loso_max_abs_rel_error']:.1f}% ({s['loso_worst']}))"
     )
+    out.append("fitted scales: " + ", ".join(f"{k} {v:.2f}" for k, v in s["fitted_scales"].items()))
+    for key in ("by_family", "by_chip", "by_scale", "by_group"):
+        out.append(f"{key.replace('_', ' ')}: " + "; ".join(
+            f"{name} n={v['count']} speed {100 * v['median_speed_error']:+.0f}% |err| {100 * v['median_abs_rel_error']:.0f}% "
+            f"LOGO {100 * v['loso_median_abs_rel_error']:.0f}%" for name, v in result[key].items()))
     return "\n".join(out)

@@ -59,7 +59,7 @@ def candidate_layouts(
                     continue
                 ranks = rest_pp // cp
                 for fsdp in choices("fsdp", divisors(ranks)):
-                    if ranks % fsdp:
+                    if ranks % fsdp or (fixed.get("fsdp_divides") and fixed["fsdp_divides"] % fsdp):
                         continue
                     dp = ranks // fsdp
                     if fixed.get("dp") is not None and dp != fixed["dp"]:
@@ -70,12 +70,17 @@ def candidate_layouts(
                     micros = _powers_of_two_dividing(per_rank, 16 if pp > 1 else per_rank)
                     if pp == 1 and per_rank not in micros:
                         micros.append(per_rank)
+                    # Interleaved pipeline schedules (Megatron's virtual stages): each stage's layers
+                    # split into v chunks (uneven stages allowed, as Llama 3 ran 126 layers on 16), which
+                    # divides the bubble by v.
+                    stages = [fixed["virtual_stages"]] if fixed.get("virtual_stages") else (
+                        [v for v in (1, 2, 4) if pp * v <= m.layers] if pp > 1 else [1])
                     for micro in choices("microbatch", micros):
                         for remat in ([fixed["remat"]] if fixed.get("remat") else remats):
-                            yield Layout(tp=tp, pp=pp, dp=dp, fsdp=fsdp, cp=cp, microbatch=micro, remat=remat,
-                                         zero1=bool(fixed.get("zero1", False)),
-                                         virtual_stages=fixed.get("virtual_stages") or 1,
-                                         sequence_parallel=fixed.get("sequence_parallel", True))
+                            for v in stages:
+                                yield Layout(tp=tp, pp=pp, dp=dp, fsdp=fsdp, cp=cp, microbatch=micro, remat=remat,
+                                             zero1=bool(fixed.get("zero1", False)), virtual_stages=v,
+                                             sequence_parallel=fixed.get("sequence_parallel", True))
 
 
 def search(
@@ -98,7 +103,7 @@ def search(
 
     implementation="crosstrain" searches the layouts crosstrain's trainer runs (no pipeline or
     context parallelism, no sequence parallelism) priced as its own step."""
-    fixed = crosstrain_fixed(fixed) if implementation == "crosstrain" else fixed
+    fixed = crosstrain_fixed(fixed, m) if implementation == "crosstrain" else fixed
     best: Optional[Estimate] = None
     best_any: Optional[Estimate] = None
     tried = 0
@@ -116,9 +121,12 @@ def search(
     return best, tried
 
 
-def crosstrain_fixed(fixed: Optional[dict]) -> dict:
-    """Pins for crosstrain's own trainer: pp = cp = 1 and no sequence parallelism unless given."""
+def crosstrain_fixed(fixed: Optional[dict], m: Optional[ModelConfig] = None) -> dict:
+    """Pins for crosstrain's own trainer: pp = cp = 1 and no sequence parallelism unless given,
+    and FSDP degrees that divide the model width (crosstrain shards weights' `embed` axis)."""
     out = dict(fixed or {})
+    if m is not None:
+        out.setdefault("fsdp_divides", m.hidden)
     for key, value in (("pp", 1), ("cp", 1), ("sequence_parallel", False)):
         if out.get(key) is None:
             out[key] = value
@@ -130,7 +138,7 @@ def smallest_memory(
     flash: Optional[bool] = None, implementation: str = "efficient",
 ) -> Optional[Estimate]:
     """The layout needing the least memory per device (to report a plan that does not fit)."""
-    fixed = crosstrain_fixed(fixed) if implementation == "crosstrain" else fixed
+    fixed = crosstrain_fixed(fixed, m) if implementation == "crosstrain" else fixed
     best = None
     for lay in candidate_layouts(m, chip, devices, global_batch, fixed):
         est = estimate(m, chip, lay, global_batch=global_batch, glu=glu, flash=flash, implementation=implementation)
