@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -47,7 +48,9 @@ def predicted_step_time(cfg: Config, setup, devices) -> tuple[float | None, str]
     return est.step_time_s, f"planner, {chip.name} family constants"
 
 
-def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4) -> dict[str, Any]:
+def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4, profile: Path | None = None) -> dict[str, Any]:
+    """Time the train step. With `profile`, the timed windows are traced with jax.profiler into
+    that folder (XProf / TensorBoard's profile plugin, and a Perfetto trace)."""
     devices = jax.devices()
     cfg, _ = apply_mesh_rule(cfg, devices)
     setup = make_setup(cfg, devices)
@@ -82,7 +85,15 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4) -> 
             return (time.perf_counter() - start) / n, wait / n, dispatch / n
 
         run(warmup)
-        windows = [run(window) for _ in range(max(1, steps // window))]
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(profile), create_perfetto_trace=True)
+        try:
+            windows = [run(window) for _ in range(max(1, steps // window))]
+        finally:
+            if profile is not None:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
     step_time = statistics.median(w[0] for w in windows)
     data_wait = statistics.median(w[1] for w in windows)
     host = statistics.median(w[2] for w in windows)
@@ -111,10 +122,12 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4) -> 
         "attention_flops": CROSSTRAIN_CONVENTION,
         "devices": len(devices),
         "device_kind": devices[0].device_kind,
+        "cpu_model": hardware.cpu_model(),
         # glibc's transparent huge pages for this process (crosstrain/platform.py); on a CPU the
         # step is 30-40% slower without them.
         "huge_pages": huge_pages_active(),
         "timed_steps": len(windows) * window,
+        "profile": str(profile) if profile is not None else None,
         "resolved": setup.resolved.to_dict(),
         "config": asked.to_dict(),
     }

@@ -239,8 +239,27 @@ def cmd_bench(args) -> int:
         raise UserError(f"--steps: must be >= 1, got {args.steps}")
     logsetup.setup()
     _compilation_cache()
-    result = bench(cfg, steps=args.steps)
+    result = bench(cfg, steps=args.steps, profile=Path(args.profile) if args.profile else None)
     print(json.dumps(result, indent=1) if args.json else describe(result))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from crosstrain.compare import finals, load_runs, plot, table
+
+    runs = load_runs(args.run_dirs)
+    rows = finals(runs)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if not out.parent.is_dir():
+            raise UserError(f"--out: the folder {out.parent} does not exist")
+        plot(runs, out)
+    if args.json:
+        print(json.dumps({"runs": rows, "chart": str(out) if out else None}, indent=1))
+    else:
+        print(table(rows))
+        if out is not None:
+            print(f"chart: {out}")
     return 0
 
 
@@ -300,8 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure the train step on this hardware (tokens/s, MFU, overheads)")
     _add_config_args(p)
     p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
+    p.add_argument("--profile", help="write a jax.profiler trace of the timed steps into this folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("compare", help="several runs side by side: loss and throughput in one PNG, final numbers")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="write the comparison chart (PNG) here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run's latest checkpoint")
     p.add_argument("--run-dir", required=True)

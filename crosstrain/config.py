@@ -102,6 +102,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end of the run
     eval_every: int = 0  # 0: only at the end of the run
     eval_batches: int = 4
+    # A jax.profiler trace of steps profile_start .. profile_start + profile_steps - 1 into
+    # RUN_DIR/profile/ (XProf / TensorBoard's profile plugin, Perfetto); 0: no trace.
+    profile_start: int = 0
+    profile_steps: int = 3
 
 
 @dataclass(frozen=True)
@@ -471,9 +475,10 @@ def validate(cfg: Config) -> None:
 
     for key in ("steps", "batch", "microbatches", "log_every"):
         _positive(f"train.{key}", getattr(t, key))
-    for key in ("checkpoint_every", "eval_every", "eval_batches"):
+    for key in ("checkpoint_every", "eval_every", "eval_batches", "profile_start"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    _positive("train.profile_steps", t.profile_steps)
     if t.batch % t.microbatches:
         raise ConfigError("train.batch", f"{t.batch} is not divisible by train.microbatches ({t.microbatches})")
 
@@ -547,6 +552,8 @@ RESUMABLE_KEYS = {
     "train.checkpoint_every",
     "train.eval_every",
     "train.eval_batches",
+    "train.profile_start",
+    "train.profile_steps",
     "model.remat",
     "model.scan_layers",
     "model.attention",

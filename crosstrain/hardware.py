@@ -225,18 +225,25 @@ def detect_chip(device) -> Optional[Chip]:
 # The CPU: peak = measured large-matmul rate on this machine.
 
 
-def _cpu_identity() -> str:
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """This machine's CPU model name, as /proc/cpuinfo gives it (with the model number, since
+    virtual machines often name only the vendor)."""
+    model, number = platform.processor() or platform.machine(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and model == (platform.processor() or platform.machine()):
                 model = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("model\t") and not number:
+                number = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return f"{model} (model {number})" if number else model
+
+
+def _cpu_identity() -> str:
     import jax
 
-    return f"{model}|{os.cpu_count()}|{jax.__version__}"
+    return f"{cpu_model()}|{os.cpu_count()}|{jax.__version__}"
 
 
 def measure_matmul_tflops(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:

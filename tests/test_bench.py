@@ -7,9 +7,11 @@ import pytest
 from crosstrain.cli import main
 
 
-def test_bench_json_is_complete_and_consistent(capsys):
-    assert main(["bench", "--preset", "tiny", "--steps", "8", "--json"]) == 0
+def test_bench_json_is_complete_and_consistent(capsys, tmp_path):
+    assert main(["bench", "--preset", "tiny", "--steps", "8", "--json", "--profile", str(tmp_path / "prof")]) == 0
     r = json.loads(capsys.readouterr().out)
+    assert any(f.name.endswith(".xplane.pb") for f in (tmp_path / "prof").rglob("*"))
+    assert r["cpu_model"] and r["resolved"]["platform"] == "cpu" and "auto" not in r["resolved"].values()
     for key in ("tokens_per_s", "step_time_s", "compile_s", "achieved_tflops", "mfu", "matmul_ceiling_tflops",
                 "predicted_step_time_s", "config", "host_overhead_s", "data_wait_s"):
         assert key in r, key

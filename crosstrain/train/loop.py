@@ -35,6 +35,7 @@ from crosstrain.train import optimizer
 from crosstrain.train.checkpoint import Checkpointer, abstract_like
 from crosstrain.train.faults import GoodputLedger, Preemption, SpikeDetector, TrainingHalted
 from crosstrain.train.metrics import MetricsWriter, plot_losses, read_metrics, write_json
+from crosstrain.train.tensorboard import TensorBoardWriter
 from crosstrain.train.step import TrainState, init_state, make_train_step
 
 log = logging.getLogger("crosstrain")
@@ -267,6 +268,8 @@ class Trainer:
         self.eval_s = self.loop_restore_s = self.loop_recomputed_s = 0.0
         self.resume_restore_s = self.resume_lost_s = 0.0
         self.ckpt_time = time.perf_counter()
+        self.tb: Optional[TensorBoardWriter] = None
+        self.profiling = False
 
     # ---- set-up ----------------------------------------------------------------------------
 
@@ -377,6 +380,10 @@ class Trainer:
         log.info(self.peak_note)
 
         self.writer = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=start if restored is not None else None) if self.is_main else None
+        # Events past `start` (from an attempt that got further than its last checkpoint) are
+        # purged, as metrics.jsonl drops its records past it: one curve, each step once.
+        self.tb = TensorBoardWriter(self.run_dir / "tensorboard", resume_step=start) if self.is_main else None
+        self.profiling = False
         self.batches = self.pipeline.batches(self.rows, state=data_state)
         if data_state is None and start:
             raise RuntimeError("a resumed run must have a data iterator state")
@@ -393,9 +400,15 @@ class Trainer:
                 self.bar.close()
             if self.writer is not None:
                 self.writer.close()
+            if self.profiling:
+                self._stop_profile()
+            if self.tb is not None:
+                self.tb.flush()
             self.ckpt.close()
             self._account()
         if preempted:
+            if self.tb is not None:
+                self.tb.close()
             return {"preempted": True, "step": self.step}
         return self._finish()
 
@@ -417,8 +430,12 @@ class Trainer:
             host_batch = next(self.batches)
             batch = global_batch_array(self.setup, host_batch)
             self.window_wait += time.perf_counter() - w0
+            if t.profile_start and self.step + 1 == t.profile_start and not self.profiling:
+                self._start_profile()
             self.state, metrics = self.compiled(self.state, batch, jnp.int32(batch_index))
             self.step += 1
+            if self.profiling and self.step >= t.profile_start + t.profile_steps - 1:
+                self._stop_profile()
             self.window_steps += 1
             step = self.step
             if pending is not None and self._resolve(*pending):
@@ -445,6 +462,21 @@ class Trainer:
         if pending is not None:
             self._resolve(*pending)
         return False
+
+    def _start_profile(self) -> None:
+        out = self.run_dir / "profile"
+        out.mkdir(parents=True, exist_ok=True)
+        jax.profiler.start_trace(str(out), create_perfetto_trace=True)
+        self.profiling = True
+        log.info("profiling steps %d..%d into %s", self.t.profile_start,
+                 self.t.profile_start + self.t.profile_steps - 1, out)
+
+    def _stop_profile(self) -> None:
+        jax.block_until_ready(self.state)
+        jax.profiler.stop_trace()
+        self.profiling = False
+        log.info("profile written under %s (XProf/TensorBoard: --logdir %s; Perfetto: *.trace.json.gz)",
+                 self.run_dir / "profile", self.run_dir / "profile")
 
     def _resolve(self, step: int, metrics: Any) -> bool:
         """Read a step's metrics (one step behind the device), watch for faults, log. Returns
@@ -490,6 +522,8 @@ class Trainer:
         self.window_start, self.window_steps, self.window_wait = time.perf_counter(), 0, 0.0
         if self.writer is not None:
             self.writer.write(record)
+        if self.tb is not None:
+            self.tb.write(record)
         msg = f"step {step}/{self.t.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} {tps:,.0f} tok/s"
         if record["mfu"] is not None:
             msg += f" mfu {100 * record['mfu']:.1f}%"
@@ -514,6 +548,8 @@ class Trainer:
             self.last_record["eval_perplexity"] = math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None
             if self.writer is not None:
                 self.writer.amend_last(self.last_record)
+            if self.tb is not None:
+                self.tb.write(self.last_record, keys=("eval_loss", "eval_perplexity"))
             if eval_loss is not None:
                 log.info("step %d held-out loss %.4f", step, eval_loss)
         self.window_start = time.perf_counter()
@@ -548,6 +584,9 @@ class Trainer:
         self.step_seconds = {s: sec for s, sec in self.step_seconds.items() if s <= target}
         if self.writer is not None:
             self.writer.truncate(target)
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = TensorBoardWriter(self.run_dir / "tensorboard", resume_step=target)
         self.state, self.step = state, target
         self.batches = self.pipeline.batches(self.rows, state={"next_index": resume_batch})
         self.loop_recomputed_s += redo
@@ -607,6 +646,9 @@ class Trainer:
             "resolved": self.setup.resolved.to_dict(),
             "per_device_state_bytes": self.state_bytes,
         }
+        if self.tb is not None:
+            self.tb.write({"step": t.steps, "goodput": summary["goodput"]})
+            self.tb.close()
         if self.is_main:
             write_json(self.run_dir / "summary.json", summary)
             plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png",
