@@ -41,7 +41,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     qk_norm: bool = True
     norm_eps: float = 1e-6
-    compute_dtype: Dtype = "bfloat16"  # matmul inputs (accumulation is always fp32)
+    # Matmul inputs (accumulation is always fp32). "auto": bf16 on accelerators; on a CPU, the
+    # faster of the two on this machine, from its measured GEMM rates (crosstrain/resolve.py):
+    # AMX or Zen 5 bf16 units make bf16 the faster, AVX-512 without them fp32.
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = "bfloat16"
     param_dtype: Dtype = "float32"
     # Activations between matmuls. "auto": fp32 on a CPU, where XLA has no native bf16 arithmetic
     # and every bf16 activation costs conversions (docs/performance.md); the compute dtype on
@@ -604,9 +607,10 @@ def parse_count(text: str, name: str) -> float:
 
 
 def dtype_of(name: str):
+    """The JAX dtype of a config dtype name; an unresolved "auto" is the portable bfloat16."""
     import jax.numpy as jnp
 
-    return {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[name]
+    return {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "auto": jnp.bfloat16}[name]
 
 
 __all__ = [

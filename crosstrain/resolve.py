@@ -12,6 +12,7 @@ machines; `summary.json` records what each choice became under `resolved`.
 | activation_dtype | compute dtype | compute dtype | float32 | compute dtype |
 | dot_transposes | fold | fold | copy | fold |
 | kernel_mode | compiled | interpret | interpret | interpret |
+| compute_dtype | bfloat16 | bfloat16 | the faster GEMMs on this CPU (measured, cached) | bfloat16 |
 | remat | the least recomputation whose planned memory fits (none, selective, attention, full) |||  |
 
 Explicit choices are honoured, and refused with a one-line error when they cannot run here
@@ -135,6 +136,31 @@ def _remat(m: ModelConfig, devices, attention: str, mesh_sizes: Optional[dict[st
     return "full", f"nothing fits the planned {capacity / 2**30:.1f} GiB per device; recomputing the most"
 
 
+# On a CPU, bf16 is chosen when its measured GEMM rate beats fp32's by this factor: measured
+# steps followed the GEMM rates on both machines seen (AMD Zen 5: bf16 ceiling 2x fp32, nano step
+# 1.6x faster in bf16; Intel Xeon model 207 without AMX: bf16 ceiling 0.6x, step 0.6x; Intel Xeon
+# model 167 with AMX: bf16 ceiling 4.8x, step 1.9x; docs/performance.md).
+BF16_CPU_ADVANTAGE = 1.15
+
+
+def cpu_compute_dtype(ceiling: dict[str, float]) -> tuple[str, str]:
+    """(dtype, why) for a CPU whose large-matmul TFLOP/s are `ceiling` {"fp32", "bf16"}."""
+    ratio = ceiling["bf16"] / ceiling["fp32"]
+    dtype = "bfloat16" if ratio >= BF16_CPU_ADVANTAGE else "float32"
+    return dtype, (f"this CPU's bf16 GEMMs run at {ratio:.2f}x its fp32 ones "
+                   f"({1e3 * ceiling['bf16']:.0f} vs {1e3 * ceiling['fp32']:.0f} GFLOP/s, measured once and cached)")
+
+
+def _compute_dtype(m: ModelConfig, platform: str) -> tuple[str, str]:
+    if m.compute_dtype != "auto":
+        return m.compute_dtype, "as configured"
+    if platform == "cpu":
+        from crosstrain.hardware import cpu_matmul_ceiling
+
+        return cpu_compute_dtype(cpu_matmul_ceiling())
+    return "bfloat16", f"{platform}: bf16 matrix units"
+
+
 def resolve_model(m: ModelConfig, devices: Sequence[Any], *, mesh_sizes: Optional[dict[str, int]] = None,
                   micro_per_rank: Optional[int] = None) -> tuple[ModelConfig, Resolved]:
     """`m` with every `auto` decided for `devices`, and the record of what each became.
@@ -142,6 +168,8 @@ def resolve_model(m: ModelConfig, devices: Sequence[Any], *, mesh_sizes: Optiona
     `mesh_sizes` (axis -> size) and `micro_per_rank` (sequences per batch shard per microbatch)
     let remat=auto check the planned memory; without them it keeps everything."""
     platform = platform_of(devices)
+    compute, why_compute = _compute_dtype(m, platform)
+    m = dataclasses.replace(m, compute_dtype=compute)
     attention, why_attn = _attention(m, platform)
     activation = m.activation_dtype
     if activation == "auto":
@@ -159,7 +187,8 @@ def resolve_model(m: ModelConfig, devices: Sequence[Any], *, mesh_sizes: Optiona
     resolved = Resolved(platform=platform, attention=attention, activation_dtype=activation,
                         dot_transposes=transposes, compute_dtype=m.compute_dtype, remat=remat,
                         kernel_mode=kernel_mode,
-                        why=(f"attention={attention}: {why_attn}", f"remat={remat}: {why_remat}"))
+                        why=(f"compute_dtype={compute}: {why_compute}", f"attention={attention}: {why_attn}",
+                             f"remat={remat}: {why_remat}"))
     model = dataclasses.replace(m, attention=attention, activation_dtype=activation, dot_transposes=transposes,
                                 remat=remat, kernel_mode=kernel_mode)
     return model, resolved

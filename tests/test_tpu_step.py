@@ -171,3 +171,18 @@ def test_aot_refuses_bad_topologies_and_kernels_with_one_line(capsys):
                  "--set", "model.head_dim=64", "--aot"]) == 2
     err = capsys.readouterr().err
     assert "model.attention" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cpu_compute_dtype_follows_the_machines_gemm_rates():
+    from crosstrain.hardware import cpu_matmul_ceiling
+    from crosstrain.resolve import cpu_compute_dtype
+
+    # The three CPUs measured so far (TFLOP/s; docs/performance.md): bf16 wins where its GEMMs do.
+    assert cpu_compute_dtype({"fp32": 0.40, "bf16": 0.80})[0] == "bfloat16"  # AMD EPYC Zen 5
+    assert cpu_compute_dtype({"fp32": 0.271, "bf16": 0.158})[0] == "float32"  # Intel Xeon model 207
+    assert cpu_compute_dtype({"fp32": 0.356, "bf16": 1.716})[0] == "bfloat16"  # Intel Xeon model 167 (AMX)
+    # compute_dtype=auto resolves on this machine from its own cached measurement; explicit wins.
+    model, resolved = resolve_model(load_config("demo").model, jax.devices()[:1])
+    assert resolved.compute_dtype == cpu_compute_dtype(cpu_matmul_ceiling())[0] == model.compute_dtype
+    model, _ = resolve_model(load_config("demo", ["model.compute_dtype=float32"]).model, jax.devices()[:1])
+    assert model.compute_dtype == "float32"

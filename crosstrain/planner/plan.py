@@ -93,16 +93,21 @@ def crosstrain_flash(cfg: Config, chip: Chip) -> bool:
     if chip.family == "tpu":
         return m.attention in ("auto", "splash") and splash_shape_problem(m.head_dim, m.seq_len) is None
     if chip.family == "gpu":
-        return (m.attention in ("auto", "cudnn") and m.compute_dtype == "bfloat16" and m.head_dim % 8 == 0
+        return (m.attention in ("auto", "cudnn") and planned_dtype(cfg) == "bfloat16" and m.head_dim % 8 == 0
                 and m.head_dim <= 128)
     return False
+
+
+def planned_dtype(cfg: Config) -> str:
+    """The compute dtype priced: an unresolved "auto" is bf16, what accelerators resolve it to."""
+    return "bfloat16" if cfg.model.compute_dtype == "auto" else cfg.model.compute_dtype
 
 
 def best_estimate(cfg: Config, chip: Chip, devices: int, opts: Options) -> tuple[Estimate, int]:
     """The fastest layout crosstrain's trainer can run (no pipeline or context parallelism unless
     pinned), priced as crosstrain's own step with the attention kernel it resolves on this chip."""
     flash = crosstrain_flash(cfg, chip)
-    est, tried = search(cfg.model, chip, devices, cfg.train.batch, fixed=_fixed(opts), compute_dtype=cfg.model.compute_dtype,
+    est, tried = search(cfg.model, chip, devices, cfg.train.batch, fixed=_fixed(opts), compute_dtype=planned_dtype(cfg),
                         power_cap_w=opts.power_cap, flash=flash, implementation="crosstrain",
                         slice_chips=opts.chips // max(1, opts.slices))
     if est is not None:
@@ -146,7 +151,7 @@ def plan(cfg: Config, opts: Options) -> dict[str, Any]:
     price = chip.price_per_hour if opts.price is None else opts.price
     power = chip.power_w if opts.power is None else opts.power
     chip_hours = chips_used * seconds / 3600
-    peak = chip.peak_flops(m.compute_dtype) or chip.peak_flops("bfloat16")
+    peak = chip.peak_flops(planned_dtype(cfg)) or chip.peak_flops("bfloat16")
     result = {
         "chip": chip.name,
         "chips": chips_used,
@@ -161,7 +166,7 @@ def plan(cfg: Config, opts: Options) -> dict[str, Any]:
         "step_time_s": est.step_time_s,
         "tokens_per_s": tokens_per_step / est.step_time_s,
         "tokens_per_s_per_chip": tokens_per_step / est.step_time_s / chips_used,
-        "mfu": mfu(est, chip, m.compute_dtype),
+        "mfu": mfu(est, chip, planned_dtype(cfg)),
         "model_tflops_per_chip": est.model_flops_per_step / est.step_time_s / chips_used / 1e12,
         "peak_tflops_per_chip": peak / 1e12,
         "memory_per_chip_gib": est.memory_per_device_gib * chip.devices_per_chip,
