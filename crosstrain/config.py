@@ -194,6 +194,20 @@ class FaultsConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from a teacher run (AFM's on-device recipe: crosstrain/train/distill.py)."""
+
+    # A teacher run directory: its latest parameters run forward inside the same compiled step,
+    # sharded by the same rules. Empty: no distillation.
+    teacher: str = ""
+    # top1: the target is a convex mix of the true next token and the teacher's top-1 prediction
+    # (AFM); kl: the teacher's softened distribution at `temperature` (Hinton et al.).
+    mode: Literal["top1", "kl"] = "top1"
+    teacher_weight: float = 0.9  # weight of the teacher's target; 1 - it on the true token
+    temperature: float = 1.0  # kl mode only
+
+
+@dataclass(frozen=True)
 class InitConfig:
     """Where a new run's parameters come from when its run directory has no checkpoint yet."""
 
@@ -213,6 +227,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     description: str = ""
     # "section.key" names the preset or --set gave; a mesh rule only fills in the others.
@@ -536,6 +551,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("init.from_run", f"{cfg.init.from_run} is not a directory")
     if cfg.init.from_hf and not Path(cfg.init.from_hf).is_dir():
         raise ConfigError("init.from_hf", f"{cfg.init.from_hf} is not a directory")
+    dist = cfg.distill
+    if dist.teacher and not Path(dist.teacher).is_dir():
+        raise ConfigError("distill.teacher", f"{dist.teacher} is not a directory")
+    if not 0.0 <= dist.teacher_weight <= 1.0:
+        raise ConfigError("distill.teacher_weight", f"must be in [0, 1], got {dist.teacher_weight}")
+    _positive("distill.temperature", dist.temperature)
     if cfg.init.from_hf and cfg.init.from_run:
         raise ConfigError("init.from_hf", "give init.from_hf or init.from_run, not both")
 
@@ -624,6 +645,7 @@ __all__ = [
     "MixturePhase",
     "CheckpointConfig",
     "InitConfig",
+    "DistillConfig",
     "FaultsConfig",
     "load_config",
     "load_run_config",

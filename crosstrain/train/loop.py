@@ -7,6 +7,7 @@ the device except where it must (logging reads one step behind; checkpoints copy
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -115,18 +116,28 @@ def state_from_run(setup: Setup, source: Path) -> TrainState:
     return fn(src_state.params)
 
 
-def compile_train_step(cfg: Config, setup: Setup, state: TrainState):
+def compile_train_step(cfg: Config, setup: Setup, state: TrainState, teacher=None):
     """The train step jitted with the mesh's shardings (state donated) and compiled ahead of time
-    for `state` (concrete or abstract) and a global batch of token ids; call inside `activate`."""
+    for `state` (concrete or abstract) and a global batch of token ids; call inside `activate`.
+    With a `teacher` (train/distill.py) its parameters are the step's fourth argument."""
+    index = jax.ShapeDtypeStruct((), jnp.int32)
+    batch_struct = jax.ShapeDtypeStruct((cfg.train.batch, cfg.model.seq_len + 1), jnp.int32,
+                                        sharding=setup.batch_sharding)
+    if teacher is None:
+        step_fn = jax.jit(
+            make_train_step(cfg),
+            in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated),
+            out_shardings=(setup.state_shardings, setup.replicated),
+            donate_argnums=(0,),
+        )
+        return step_fn.lower(state, batch_struct, index).compile()
     step_fn = jax.jit(
-        make_train_step(cfg),
-        in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated),
+        make_train_step(cfg, teacher.cfg.model),
+        in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated, teacher.shardings),
         out_shardings=(setup.state_shardings, setup.replicated),
         donate_argnums=(0,),
     )
-    batch_struct = jax.ShapeDtypeStruct((cfg.train.batch, cfg.model.seq_len + 1), jnp.int32,
-                                        sharding=setup.batch_sharding)
-    return step_fn.lower(state, batch_struct, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    return step_fn.lower(state, batch_struct, index, teacher.params).compile()
 
 
 def process_rows(setup: Setup) -> tuple[int, int]:
@@ -224,6 +235,18 @@ def train(cfg: Config, run_dir: Path, *, started: Optional[float] = None, device
         from crosstrain.hf import apply_hf_model
 
         cfg = apply_hf_model(cfg, Path(cfg.init.from_hf))
+    if cfg.distill.teacher:
+        from crosstrain.config import load_run_config
+
+        teacher_vocab = load_run_config(Path(cfg.distill.teacher)).model.vocab
+        if teacher_vocab != cfg.model.vocab:
+            raise UserError(f"distill.teacher: the teacher's vocabulary ({teacher_vocab}) differs from the student's "
+                            f"({cfg.model.vocab}); distillation needs the same tokenizer")
+    if cfg.distill.teacher and not cfg.data.tokenizer and (Path(cfg.distill.teacher) / "tokenizer.json").is_file():
+        # The student reads the teacher's tokens: same tokenizer, same vocabulary.
+        raw = cfg.to_dict()
+        raw["data"]["tokenizer"] = str((Path(cfg.distill.teacher) / "tokenizer.json").absolute())
+        cfg = dataclasses.replace(config_from_dict(raw), explicit=cfg.explicit)
     cfg, rule = apply_mesh_rule(cfg, devices)
     _check_resume_config(cfg, run_dir)
     resolve_sources(cfg)  # paths and formats, before anything is logged or compiled
@@ -373,8 +396,13 @@ class Trainer:
             in_shardings=(setup.state_shardings.params, setup.batch_sharding),
             out_shardings=setup.replicated,
         )
+        self.teacher = None
+        if cfg.distill.teacher:
+            from crosstrain.train.distill import load_teacher
+
+            self.teacher = load_teacher(cfg, setup, self.devices)
         t0 = time.perf_counter()
-        self.compiled = compile_train_step(cfg, setup, state)
+        self.compiled = compile_train_step(cfg, setup, state, self.teacher)
         self.ledger.current.compile_s += time.perf_counter() - t0
         log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
         log.info(self.peak_note)
@@ -432,7 +460,10 @@ class Trainer:
             self.window_wait += time.perf_counter() - w0
             if t.profile_start and self.step + 1 == t.profile_start and not self.profiling:
                 self._start_profile()
-            self.state, metrics = self.compiled(self.state, batch, jnp.int32(batch_index))
+            if self.teacher is None:
+                self.state, metrics = self.compiled(self.state, batch, jnp.int32(batch_index))
+            else:
+                self.state, metrics = self.compiled(self.state, batch, jnp.int32(batch_index), self.teacher.params)
             self.step += 1
             if self.profiling and self.step >= t.profile_start + t.profile_steps - 1:
                 self._stop_profile()
@@ -514,6 +545,7 @@ class Trainer:
             "data_wait_s": self.window_wait / max(self.window_steps, 1),
             "tokens_seen": step * self.tokens_per_step,
             "skipped": int(values["skipped"]),
+            **({"distill_loss": values["distill_loss"]} if "distill_loss" in values else {}),
             "nonfinite_skipped": self.nonfinite,
             **(extra or {}),
         }

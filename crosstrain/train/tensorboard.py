@@ -14,6 +14,7 @@ from typing import Any, Optional
 # metrics.jsonl key -> TensorBoard tag
 SCALARS = {
     "loss": "train/loss",
+    "distill_loss": "train/distill_loss",
     "eval_loss": "eval/loss",
     "eval_perplexity": "eval/perplexity",
     "lr": "train/lr",

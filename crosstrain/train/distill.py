@@ -1,0 +1,112 @@
+"""Distillation: the student's objective against a teacher's predictions, in the same step.
+
+AFM's on-device model was trained with a target that mixes the true next token and the teacher's
+top-1 prediction, 0.9 on the teacher (Gunter et al. 2024, arXiv:2407.21075):
+
+    top1:  (1 - w) CE(student, true token) + w CE(student, argmax teacher)
+    kl:    (1 - w) CE(student, true token) + w T^2 KL(softmax(teacher / T) || softmax(student / T))
+
+The teacher's forward pass runs inside the student's compiled step on the same mesh (its
+parameters are an argument of the step, sharded by the same logical-axis rules, never
+differentiated). Whatever the mode, the student's cross-entropy on the true tokens is what the
+run logs as `loss`, so distilled and plain runs compare; the objective is `distill_loss`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from crosstrain.config import Config, DistillConfig, ModelConfig, dtype_of
+from crosstrain.errors import UserError
+from crosstrain.model.fused import output_cross_entropy
+from crosstrain.model.transformer import copy_transposes, decoder, output_logits
+
+log = logging.getLogger("crosstrain")
+
+
+def _student_ce(params, hidden, targets, cfg: ModelConfig) -> jax.Array:
+    b, s, d = hidden.shape
+    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    cdt = dtype_of(cfg.compute_dtype)
+    return output_cross_entropy(hidden.reshape(b * s, d).astype(cdt), w.astype(cdt), targets.reshape(b * s),
+                                tied=cfg.tie_embeddings, copy_transposes=copy_transposes(cfg)).reshape(b, s)
+
+
+def objective(params: Any, tokens: jax.Array, cfg: ModelConfig, *, teacher: Optional[Any] = None,
+              teacher_cfg: Optional[ModelConfig] = None, distill: Optional[DistillConfig] = None
+              ) -> tuple[jax.Array, jax.Array]:
+    """(objective to minimise, student CE on the true tokens), both means over the batch."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    hidden, _ = decoder(params, inputs, cfg)
+    with jax.named_scope("output_loss"):
+        true_ce = _student_ce(params, hidden, targets, cfg)
+    if teacher is None:
+        return jnp.mean(true_ce), jnp.mean(true_ce)
+    w = distill.teacher_weight
+    with jax.named_scope("teacher"):
+        t_hidden, _ = decoder(jax.lax.stop_gradient(teacher), inputs, teacher_cfg)
+        t_logits = jax.lax.stop_gradient(output_logits(teacher, t_hidden, teacher_cfg))  # fp32 [b, s, V]
+    if distill.mode == "top1":
+        teacher_ce = _student_ce(params, hidden, jnp.argmax(t_logits, axis=-1).astype(targets.dtype), cfg)
+    else:
+        temp = distill.temperature
+        student = output_logits(params, hidden, cfg) / temp
+        p_teacher = jax.nn.softmax(t_logits / temp, axis=-1)
+        kl = jnp.sum(p_teacher * (jax.nn.log_softmax(t_logits / temp, axis=-1) - jax.nn.log_softmax(student, axis=-1)),
+                     axis=-1)
+        teacher_ce = temp * temp * kl
+    return jnp.mean((1.0 - w) * true_ce + w * teacher_ce), jnp.mean(true_ce)
+
+
+@dataclass
+class Teacher:
+    cfg: Config  # the teacher run's config, its model resolved for these devices
+    params: Any  # sharded on the student's mesh
+    shardings: Any
+    step: int
+
+
+def load_teacher(student: Config, setup, devices) -> Teacher:
+    """The teacher run's latest parameters, on the student's mesh and sharding rules."""
+    from crosstrain.config import load_run_config
+    from crosstrain.parallel.rules import named_sharding
+    from crosstrain.model import param_axes
+    from crosstrain.train.checkpoint import Checkpointer
+    from crosstrain.train.loop import abstract_train_state, make_setup
+
+    directory = Path(student.distill.teacher)
+    tcfg = load_run_config(directory)
+    if tcfg.model.vocab != student.model.vocab:
+        raise UserError(f"distill.teacher: the teacher's vocabulary ({tcfg.model.vocab}) differs from the student's "
+                        f"({student.model.vocab}); distillation needs the same tokenizer")
+    raw = tcfg.to_dict()
+    raw["mesh"] = {**student.to_dict()["mesh"], "rule": "none"}
+    raw["train"] = student.to_dict()["train"]
+    raw["data"] = {}
+    raw["init"] = {}
+    raw["distill"] = {}
+    from crosstrain.config import config_from_dict
+
+    try:
+        tsetup = make_setup(config_from_dict(raw), devices)
+    except UserError as e:
+        raise UserError(f"distill.teacher: {e}") from None
+    ckpt = Checkpointer(directory / "checkpoints", tcfg.checkpoint, primary=False)
+    try:
+        found = ckpt.restore_latest(abstract_train_state(tsetup))
+    finally:
+        ckpt.close()
+    if found is None:
+        raise UserError(f"distill.teacher: {directory} has no valid checkpoint")
+    step, state, _ = found
+    shardings = jax.tree.map(lambda axes: named_sharding(setup.mesh, axes), param_axes(tsetup.cfg.model),
+                             is_leaf=lambda x: isinstance(x, tuple))
+    log.info("distilling from %s (step %d, %s), %s target, teacher weight %.2f", directory, step,
+             f"{tcfg.model.layers} layers x {tcfg.model.hidden}", student.distill.mode, student.distill.teacher_weight)
+    return Teacher(tsetup.cfg, state.params, shardings, step)
