@@ -169,6 +169,25 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from crosstrain import log as logsetup
+    from crosstrain.prune import prune
+
+    logsetup.setup()
+    _compilation_cache()
+    source = Path(args.source)
+    if not (source / "config.yaml").is_file():
+        raise UserError(f"--from: {source} is not a crosstrain run directory")
+    result = prune(source, Path(args.run_dir), ffn=args.ffn, steps=args.steps, lr=args.lr,
+                   overrides=tuple(args.overrides), data=args.data)
+    print(json.dumps(result, indent=1) if args.json else
+          f"pruned the MLPs of {source} from {result['ffn'][0]} to {result['ffn'][1]} hidden units "
+          f"({result['parameters'][0] / 1e6:.2f}M -> {result['parameters'][1] / 1e6:.2f}M parameters); held-out loss "
+          f"{result['heldout_loss_full']:.4f} -> {result['heldout_loss_pruned']:.4f} before retraining; continue with: "
+          f"crosstrain train --preset {Path(args.run_dir) / 'config.yaml'} --run-dir {args.run_dir}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from crosstrain import log as logsetup
     from crosstrain.evaluate import evaluate_run
@@ -322,6 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="write a jax.profiler trace of the timed steps into this folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("prune", help="prune a run's MLP hidden units with learned Soft-Top-K masks into a new, smaller run")
+    p.add_argument("--from", dest="source", required=True, help="the run to prune (its latest checkpoint)")
+    p.add_argument("--ffn", type=int, required=True, help="MLP hidden units to keep per layer")
+    p.add_argument("--steps", type=int, default=100, help="mask-learning steps on the source's training stream")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate of the mask scores")
+    p.add_argument("--data", help="learn the masks on this data instead of the source run's")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                   help="settings of the new run (train.steps=..., optim.lr=...)")
+    p.add_argument("--run-dir", required=True, help="the new run directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("compare", help="several runs side by side: loss and throughput in one PNG, final numbers")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
