@@ -188,6 +188,32 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_recipe(args) -> int:
+    from crosstrain import log as logsetup
+    from crosstrain.recipe import run_recipe
+
+    run_dir = Path(args.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--run-dir: cannot create {run_dir}: {e.strerror}") from None
+    logsetup.setup(run_dir)
+    _compilation_cache()
+    result = run_recipe(args.recipe, run_dir)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for st in result["stages"]:
+            print(f"{st['name']:>12} {st['kind']:>6} {st['steps']:>7} steps  seq {st['seq_len']:>6}  "
+                  f"{st['params'] / 1e6:8.2f}M params  held-out {st['eval_loss']:.4f}")
+        if result["baseline"]:
+            b = result["baseline"]
+            print(f"{'baseline':>12} {'train':>6} {b['steps']:>7} steps  {'':>10}  {b['params'] / 1e6:8.2f}M params  "
+                  f"held-out {b['eval_loss']:.4f}")
+        print(f"wrote {run_dir / 'recipe.json'}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from crosstrain import log as logsetup
     from crosstrain.evaluate import evaluate_run
@@ -353,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="the new run directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("recipe", help="run a staged recipe (train / prune stages) in order, resumably")
+    p.add_argument("--recipe", required=True, help="a shipped recipe (afm-on-device, afm-on-device-tiny) or a YAML file")
+    p.add_argument("--run-dir", required=True, help="one run directory per stage goes under here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("compare", help="several runs side by side: loss and throughput in one PNG, final numbers")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

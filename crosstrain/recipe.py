@@ -1,0 +1,180 @@
+"""`crosstrain recipe`: staged pre-training as data, run in order, resumable.
+
+A recipe (a shipped name under crosstrain/recipes/ or a YAML file) lists stages:
+
+```yaml
+description: ...
+stages:
+  - {name: teacher, kind: train, preset: tiny, set: [model.ffn=256], tokens: 1e6}
+  - {name: pruned, kind: prune, from: teacher, ffn: 128, steps: 20}
+  - {name: core, kind: train, from: pruned, distill: teacher, tokens: 1e6}
+  - {name: continued, kind: train, from: core, set: [model.seq_len=128, optim.lr=3e-4], tokens: 5e5}
+baseline: {preset: tiny, set: [model.ffn=128], tokens: 2e6}
+```
+
+- `train` stages take a preset and `set` overrides; `tokens` (or `steps`) is their budget, turned
+  into `train.steps` at the stage's batch and sequence length. With `from`, the stage starts from
+  that stage's latest parameters (`init.from_run`) and keeps its model shape (the stage's own
+  `set` may still change the sequence length or RoPE base, as AFM's later stages do); a `from`
+  that names a prune stage continues that pruned run. `distill: STAGE` distils from it.
+- `prune` stages run `crosstrain prune` on `from` (`ffn`, `steps`).
+- `baseline` (optional) is a from-scratch run to hold the recipe's result against.
+
+Each stage gets its own run directory under DIR; a stage that finished (its summary.json or
+prune.json exists) is skipped, so running the recipe again after an interruption resumes at the
+stage, and the step, where it stopped. DIR/recipe.json records every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crosstrain.config import config_from_dict, load_config, load_run_config, parse_count, read_preset
+from crosstrain.errors import UserError
+
+log = logging.getLogger("crosstrain")
+
+KINDS = ("train", "prune")
+STAGE_KEYS = {"name", "kind", "preset", "set", "tokens", "steps", "from", "distill", "ffn", "lr"}
+
+
+def shipped_recipes() -> list[str]:
+    root = resources.files("crosstrain") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_recipe(name_or_path: str) -> dict[str, Any]:
+    shipped = resources.files("crosstrain") / "recipes" / f"{name_or_path}.yaml"
+    path = Path(str(shipped)) if shipped.is_file() else Path(name_or_path)
+    if not path.is_file():
+        raise UserError(f"--recipe: unknown recipe '{name_or_path}' and no such file (shipped: {', '.join(shipped_recipes())})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"--recipe: {path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
+        raise UserError(f"--recipe: {path}: needs a non-empty list of stages")
+    names: list[str] = []
+    for i, st in enumerate(data["stages"]):
+        where = f"--recipe: stages[{i}]"
+        if not isinstance(st, dict):
+            raise UserError(f"{where}: must be a mapping")
+        unknown = set(st) - STAGE_KEYS
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(STAGE_KEYS))})")
+        name, kind = st.get("name"), st.get("kind", "train")
+        if not name or not isinstance(name, str) or "/" in name or name in names:
+            raise UserError(f"{where}.name: needs a unique name without '/'")
+        if kind not in KINDS:
+            raise UserError(f"{where}.kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+        for ref in ("from", "distill"):
+            if st.get(ref) is not None and st[ref] not in names:
+                raise UserError(f"{where}.{ref}: '{st[ref]}' is not an earlier stage")
+        if kind == "prune" and (not st.get("from") or not st.get("ffn")):
+            raise UserError(f"{where}: a prune stage needs 'from' and 'ffn'")
+        if kind == "train" and not st.get("preset") and not st.get("from"):
+            raise UserError(f"{where}: a train stage needs a 'preset' or a 'from'")
+        names.append(name)
+    data.setdefault("name", Path(name_or_path).stem)
+    return data
+
+
+def _train_config(stage: dict[str, Any], directory: Path):
+    overrides = [str(s) for s in (stage.get("set") or [])]
+    if stage.get("preset"):
+        raw = read_preset(stage["preset"])
+    else:
+        raw = {}
+    src = stage.get("from")
+    if src:
+        src_cfg = load_run_config(directory / src).to_dict()
+        # The source's model shape and tokenizer; the stage's own settings on top.
+        raw = {**src_cfg, **{k: v for k, v in raw.items() if k != "model"}}
+        raw["model"] = src_cfg["model"]
+        raw["data"] = {**(raw.get("data") or {}), "tokenizer": str((directory / src / "tokenizer.json").absolute())}
+        raw["init"] = {}
+        raw["distill"] = {}
+        overrides.append(f"init.from_run={(directory / src).absolute()}")
+    if stage.get("distill"):
+        overrides.append(f"distill.teacher={(directory / stage['distill']).absolute()}")
+    cfg = config_from_dict(raw, overrides)
+    if stage.get("tokens") is not None or stage.get("steps") is not None:
+        if stage.get("steps") is not None:
+            steps = int(stage["steps"])
+        else:
+            tokens = parse_count(str(stage["tokens"]), f"stages.{stage['name']}.tokens")
+            steps = max(1, math.ceil(tokens / (cfg.train.batch * cfg.model.seq_len)))
+        cfg = config_from_dict(raw, overrides + [f"train.steps={steps}"])
+    return cfg
+
+
+def _record(name: str, kind: str, run_dir: Path) -> dict[str, Any]:
+    from crosstrain.model import count_params
+
+    cfg = load_run_config(run_dir)
+    out = {"name": name, "kind": kind, "run_dir": str(run_dir), "seq_len": cfg.model.seq_len,
+           "rope_base": cfg.model.rope_base, "params": count_params(cfg.model)}
+    if kind == "train":
+        s = json.loads((run_dir / "summary.json").read_text())
+        out.update({"steps": s["steps"], "tokens": s["tokens_seen"], "final_loss": s["final_loss"], "eval_loss": s["eval_loss"]})
+    else:
+        p = json.loads((run_dir / "prune.json").read_text())
+        out.update({"steps": p["steps"], "tokens": p["tokens"], "final_loss": p["masked_loss"][-1],
+                    "eval_loss": p["heldout_loss_pruned"], "ffn": p["ffn"]})
+    return out
+
+
+def run_recipe(name_or_path: str, directory: Path) -> dict[str, Any]:
+    from crosstrain.prune import prune
+    from crosstrain.train.loop import train
+
+    recipe = read_recipe(name_or_path)
+    directory.mkdir(parents=True, exist_ok=True)
+    kinds = {st["name"]: st.get("kind", "train") for st in recipe["stages"]}
+    records = []
+    for i, stage in enumerate(recipe["stages"]):
+        name, kind = stage["name"], kinds[stage["name"]]
+        run_dir = directory / name
+        if kind == "train":
+            if not (run_dir / "summary.json").is_file():
+                log.info("recipe %s: stage %d/%d '%s' (train)", recipe["name"], i + 1, len(recipe["stages"]), name)
+                train(_train_config(stage, directory), run_dir)
+            else:
+                log.info("recipe %s: stage '%s' already done", recipe["name"], name)
+        else:
+            if not (run_dir / "prune.json").is_file():
+                log.info("recipe %s: stage %d/%d '%s' (prune)", recipe["name"], i + 1, len(recipe["stages"]), name)
+                if run_dir.exists():  # an interrupted prune: start it again
+                    import shutil
+
+                    shutil.rmtree(run_dir)
+                prune(directory / stage["from"], run_dir, ffn=int(stage["ffn"]), steps=int(stage.get("steps", 100)),
+                      lr=float(stage.get("lr", 0.05)), overrides=tuple(str(s) for s in (stage.get("set") or [])))
+            else:
+                log.info("recipe %s: stage '%s' already done", recipe["name"], name)
+        records.append(_record(name, kind, run_dir))
+        _write(directory, recipe, records, None)
+    baseline = None
+    if recipe.get("baseline"):
+        base_dir = directory / "baseline"
+        if not (base_dir / "summary.json").is_file():
+            log.info("recipe %s: baseline from scratch", recipe["name"])
+            train(_train_config({**recipe["baseline"], "name": "baseline"}, directory), base_dir)
+        b = _record("baseline", "train", base_dir)
+        baseline = {"run_dir": b["run_dir"], "steps": b["steps"], "eval_loss": b["eval_loss"], "params": b["params"]}
+    return _write(directory, recipe, records, baseline)
+
+
+def _write(directory: Path, recipe: dict[str, Any], stages: list[dict[str, Any]], baseline) -> dict[str, Any]:
+    out = {"recipe": recipe["name"], "description": recipe.get("description", ""), "stages": stages, "baseline": baseline}
+    tmp = directory / "recipe.json.tmp"
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(directory / "recipe.json")
+    return out
