@@ -241,9 +241,9 @@ def cmd_plan(args) -> int:
         result = evaluate_cases(Path(args.cases))
         print(json.dumps(result, indent=1) if args.json else report.cases_table(result))
         return 0
-    if not args.preset:
-        raise UserError("plan: --preset is required (or --cases FILE.csv)")
-    cfg = _load_config(args)
+    if not args.preset and not args.recipe:
+        raise UserError("plan: --preset is required (or --cases FILE.csv, or --recipe)")
+    cfg = _load_config(args) if args.preset else None
     opts = Options(
         chip=args.chip or "", chips=args.chips or 0,
         tokens=parse_count(args.tokens, "--tokens") if args.tokens else None,
@@ -251,6 +251,30 @@ def cmd_plan(args) -> int:
         remat=args.remat, price=args.price, power=args.power, power_cap=args.power_cap, pue=args.pue,
         objective=args.objective, slices=args.slices,
     )
+    if args.recipe:
+        from crosstrain.recipe import plan_recipe
+
+        targets = parse_compare(args.compare) if args.compare else [(args.chip or "", args.chips or 0)]
+        if not all(c and n for c, n in targets):
+            raise UserError("plan --recipe: give --chip and --chips, or --compare CHIP:N,...")
+        results = [plan_recipe(args.recipe, c, n) for c, n in targets]
+        if args.json:
+            print(json.dumps(results if len(results) > 1 else results[0], indent=1))
+        else:
+            for r in results:
+                print(f"{r['recipe']} on {r['chips']} x {r['chip']}:")
+                for st in r["stages"]:
+                    if st.get("error"):
+                        print(f"  {st['name']:>10} {st['kind']:>5} {st['steps']:>9,} steps  seq {st['seq_len']:>6}  "
+                              f"does not fit: {st['error'].split(': ', 1)[-1]}")
+                        continue
+                    print(f"  {st['name']:>10} {st['kind']:>5} {st['steps']:>9,} steps  seq {st['seq_len']:>6}  "
+                          f"{st['step_time_s']:8.3f} s/step  {st['days']:7.2f} days  ${st['cost_usd'] / 1e3:,.1f}k"
+                          + ("" if st["fits"] else "  DOES NOT FIT"))
+                t = r["total"]
+                print(f"  {'total':>10} {'':>5} {'':>15} {'':>11} {'':>13} {t['days']:7.2f} days  ${t['cost_usd'] / 1e3:,.1f}k  "
+                      f"{t['energy_mwh']:,.0f} MWh" + ("" if r["all_fit"] else "  (stages that do not fit left out)"))
+        return 0
     if args.compare:
         targets = parse_compare(args.compare)
         rows = compare(cfg, targets, opts)
@@ -357,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", help="several options side by side: CHIP:N,CHIP:N,... (writes a PNG chart)")
     p.add_argument("--out", help="where --compare writes its chart (default plan-compare.png)")
     p.add_argument("--cases", help="validate against published runs in this CSV (shared/planner/cases.csv schema)")
+    p.add_argument("--recipe", help="plan every stage of a recipe (crosstrain recipe) on --chip/--chips or --compare")
     p.add_argument("--aot", action="store_true", help="also compile crosstrain's step for a TPU topology with libtpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
@@ -381,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("recipe", help="run a staged recipe (train / prune stages) in order, resumably")
-    p.add_argument("--recipe", required=True, help="a shipped recipe (afm-on-device, afm-on-device-tiny) or a YAML file")
+    p.add_argument("--recipe", required=True, help="a shipped recipe (afm-on-device, afm-on-device-demo) or a YAML file")
     p.add_argument("--run-dir", required=True, help="one run directory per stage goes under here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recipe)

@@ -42,6 +42,7 @@ from crosstrain.errors import UserError
 log = logging.getLogger("crosstrain")
 
 KINDS = ("train", "prune")
+SHAPE_KEYS = {"layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "tie_embeddings", "qk_norm"}
 STAGE_KEYS = {"name", "kind", "preset", "set", "tokens", "steps", "from", "distill", "ffn", "lr"}
 
 
@@ -95,9 +96,11 @@ def _train_config(stage: dict[str, Any], directory: Path):
     src = stage.get("from")
     if src:
         src_cfg = load_run_config(directory / src).to_dict()
-        # The source's model shape and tokenizer; the stage's own settings on top.
+        # The source's model shape and tokenizer; the stage's own settings on top (a stage preset
+        # may change the sequence length or RoPE base, never the shape).
+        preset_model = raw.get("model") or {}
         raw = {**src_cfg, **{k: v for k, v in raw.items() if k != "model"}}
-        raw["model"] = src_cfg["model"]
+        raw["model"] = {**src_cfg["model"], **{k: v for k, v in preset_model.items() if k not in SHAPE_KEYS}}
         raw["data"] = {**(raw.get("data") or {}), "tokenizer": str((directory / src / "tokenizer.json").absolute())}
         raw["init"] = {}
         raw["distill"] = {}
@@ -178,3 +181,75 @@ def _write(directory: Path, recipe: dict[str, Any], stages: list[dict[str, Any]]
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(directory / "recipe.json")
     return out
+
+
+def stage_configs(name_or_path: str):
+    """Each stage's config as the recipe would build it, without running anything (for `plan
+    --recipe`): yields (stage, kind, Config, teacher Config or None)."""
+    recipe = read_recipe(name_or_path)
+    built: dict[str, Any] = {}
+    out = []
+    for stage in recipe["stages"]:
+        kind = stage.get("kind", "train")
+        if kind == "prune":
+            src = built[stage["from"]]
+            raw = src.to_dict()
+            raw["model"]["ffn"] = int(stage["ffn"])
+            cfg = config_from_dict(raw)
+            steps = int(stage.get("steps", 100))
+            cfg = config_from_dict({**raw, "train": {**raw["train"], "steps": steps}})
+            built[stage["name"]] = cfg
+            out.append((stage, kind, src.replace(train=cfg.train), None))
+            continue
+        raw = read_preset(stage["preset"]) if stage.get("preset") else {}
+        overrides = [str(s) for s in (stage.get("set") or []) if not str(s).startswith(("init.", "distill.", "data."))]
+        if stage.get("from"):
+            src = built[stage["from"]].to_dict()
+            preset_model = raw.get("model") or {}
+            raw = {**src, **{k: v for k, v in raw.items() if k != "model"}}
+            raw["model"] = {**src["model"], **{k: v for k, v in preset_model.items() if k not in SHAPE_KEYS}}
+        raw = {k: v for k, v in raw.items() if k not in ("init", "distill", "data")}
+        cfg = config_from_dict(raw, overrides)
+        if stage.get("steps") is not None:
+            steps = int(stage["steps"])
+        elif stage.get("tokens") is not None:
+            steps = max(1, math.ceil(parse_count(str(stage["tokens"]), "tokens") / (cfg.train.batch * cfg.model.seq_len)))
+        else:
+            steps = cfg.train.steps
+        cfg = config_from_dict(raw, overrides + [f"train.steps={steps}"])
+        built[stage["name"]] = cfg
+        out.append((stage, kind, cfg, built[stage["distill"]] if stage.get("distill") else None))
+    return recipe, out
+
+
+def plan_recipe(name_or_path: str, chip: str, chips: int) -> dict[str, Any]:
+    """Every stage planned on `chips` x `chip`: the fastest layout, time, cost, energy; a prune
+    stage is priced as training steps of the model it prunes (its backward runs in full), and
+    distillation adds the teacher's forward pass (a third of its training step's compute)."""
+    from crosstrain.planner.plan import Options, plan
+
+    recipe, stages = stage_configs(name_or_path)
+    rows = []
+    for stage, kind, cfg, teacher in stages:
+        tokens = cfg.train.steps * cfg.train.batch * cfg.model.seq_len
+        try:
+            p = plan(cfg, Options(chip=chip, chips=chips, tokens=float(tokens)))
+        except UserError as e:  # this stage fits no layout of these chips: say so, plan the rest
+            rows.append({"name": stage["name"], "kind": kind, "steps": cfg.train.steps, "seq_len": cfg.model.seq_len,
+                         "tokens": tokens, "fits": False, "error": str(e), "step_time_s": None, "days": None,
+                         "cost_usd": None, "energy_mwh": None, "distilled_from": stage.get("distill")})
+            continue
+        extra = 0.0
+        if teacher is not None:
+            t = plan(teacher.replace(train=cfg.train), Options(chip=chip, chips=chips, tokens=float(tokens)))
+            extra = t["time_breakdown"]["compute_s"] / 3.0
+        step = p["step_time_s"] + extra
+        seconds = step * cfg.train.steps
+        scale = seconds / (p["time_to_train_days"] * 86400) if p["time_to_train_days"] else 1.0
+        rows.append({"name": stage["name"], "kind": kind, "steps": cfg.train.steps, "seq_len": cfg.model.seq_len,
+                     "tokens": tokens, "layout": p["parallelism"], "remat": p["remat"], "step_time_s": step,
+                     "days": seconds / 86400, "cost_usd": p["cost_usd"] * scale, "energy_mwh": p["energy_mwh"] * scale,
+                     "fits": p["fits"], "distilled_from": stage.get("distill")})
+    return {"recipe": recipe["name"], "chip": chip, "chips": chips, "stages": rows,
+            "all_fit": all(r["fits"] for r in rows),
+            "total": {k: sum(r[k] for r in rows if r[k] is not None) for k in ("days", "cost_usd", "energy_mwh")}}
