@@ -123,7 +123,8 @@ def _record(name: str, kind: str, run_dir: Path) -> dict[str, Any]:
 
     cfg = load_run_config(run_dir)
     out = {"name": name, "kind": kind, "run_dir": str(run_dir), "seq_len": cfg.model.seq_len,
-           "rope_base": cfg.model.rope_base, "params": count_params(cfg.model)}
+           "rope_base": cfg.model.rope_base, "params": count_params(cfg.model),
+           "distilled_from": cfg.distill.teacher or None, "initialised_from": cfg.init.from_run or None}
     if kind == "train":
         s = json.loads((run_dir / "summary.json").read_text())
         out.update({"steps": s["steps"], "tokens": s["tokens_seen"], "final_loss": s["final_loss"], "eval_loss": s["eval_loss"]})
