@@ -407,8 +407,12 @@ def parse_override(text: str) -> tuple[str, str, str]:
     return section, key, value
 
 
-def config_from_dict(raw: dict[str, Any], overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Build and validate a Config from a preset-shaped mapping plus 'section.key=value' strings."""
+def config_from_dict(raw: dict[str, Any], overrides: tuple[str, ...] | list[str] = (), *,
+                     check_paths: bool = True) -> Config:
+    """Build and validate a Config from a preset-shaped mapping plus 'section.key=value' strings.
+
+    `check_paths=False` skips the checks that files named in the config exist (for reading a
+    finished run's config: generate, eval and export need only the run directory)."""
     merged: dict[str, dict[str, Any]] = {}
     description = ""
     for section, values in raw.items():
@@ -430,7 +434,7 @@ def config_from_dict(raw: dict[str, Any], overrides: tuple[str, ...] | list[str]
     }
     explicit = frozenset(f"{sec}.{key}" for sec, values in merged.items() for key in values)
     cfg = Config(description=description, explicit=explicit, **sections)
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -439,10 +443,12 @@ def load_config(preset: str, overrides: tuple[str, ...] | list[str] = ()) -> Con
 
 
 def load_run_config(run_dir: str | Path) -> Config:
+    """A run's config.yaml. The data, tokenizer and init paths it names need not exist any more
+    (a run copied off a cluster): commands that read them check them where they do."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"--run-dir: {path} not found (is {run_dir} a crosstrain run directory?)")
-    return config_from_dict(read_preset(str(path)))
+    return config_from_dict(read_preset(str(path)), check_paths=False)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -461,7 +467,7 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(name, f"must be positive, got {value}")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, *, check_paths: bool = True) -> None:
     m, o, t, mesh, d, c = cfg.model, cfg.optim, cfg.train, cfg.mesh, cfg.data, cfg.checkpoint
     for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "seq_len"):
         _positive(f"model.{key}", getattr(m, key))
@@ -516,14 +522,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.holdout", f"must be in [0, 0.5), got {d.holdout}")
     if d.path and d.sources:
         raise ConfigError("data.path", "give either data.path (--data) or data.sources, not both")
-    if d.path and not Path(d.path).exists():
+    if check_paths and d.path and not Path(d.path).exists():
         raise ConfigError("data.path", f"{d.path} does not exist")
-    if d.tokenizer and not Path(d.tokenizer).exists():
+    if check_paths and d.tokenizer and not Path(d.tokenizer).exists():
         raise ConfigError("data.tokenizer", f"{d.tokenizer} does not exist")
     for i, s in enumerate(d.sources):
         if not s.path:
             raise ConfigError(f"data.sources[{i}].path", "is empty")
-        if not Path(s.path).exists():
+        if check_paths and not Path(s.path).exists():
             raise ConfigError(f"data.sources[{i}].path", f"{s.path} does not exist")
         _positive(f"data.sources[{i}].weight", s.weight)
     n_sources = len(d.sources) or 1
@@ -547,12 +553,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"faults.{key}", f"must be >= 0, got {getattr(f, key)}")
     if f.spike_sigma and not t.checkpoint_every:
         raise ConfigError("faults.spike_sigma", "loss-spike rollback needs checkpoints: set train.checkpoint_every")
-    if cfg.init.from_run and not Path(cfg.init.from_run).is_dir():
+    if check_paths and cfg.init.from_run and not Path(cfg.init.from_run).is_dir():
         raise ConfigError("init.from_run", f"{cfg.init.from_run} is not a directory")
-    if cfg.init.from_hf and not Path(cfg.init.from_hf).is_dir():
+    if check_paths and cfg.init.from_hf and not Path(cfg.init.from_hf).is_dir():
         raise ConfigError("init.from_hf", f"{cfg.init.from_hf} is not a directory")
     dist = cfg.distill
-    if dist.teacher and not Path(dist.teacher).is_dir():
+    if check_paths and dist.teacher and not Path(dist.teacher).is_dir():
         raise ConfigError("distill.teacher", f"{dist.teacher} is not a directory")
     if not 0.0 <= dist.teacher_weight <= 1.0:
         raise ConfigError("distill.teacher_weight", f"must be in [0, 1], got {dist.teacher_weight}")
