@@ -76,6 +76,15 @@ def _compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _make_run_dir(name: str) -> Path:
+    run_dir = Path(name)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--run-dir: cannot create {run_dir}: {e.strerror}") from None
+    return run_dir
+
+
 def cmd_train(args) -> int:
     from crosstrain import log as logsetup
 
@@ -86,11 +95,7 @@ def cmd_train(args) -> int:
 
     from crosstrain.train.loop import train
 
-    run_dir = Path(args.run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--run-dir: cannot create {run_dir}: {e.strerror}") from None
+    run_dir = _make_run_dir(args.run_dir)
     logsetup.setup(run_dir, process_index=jax.process_index())
     train(cfg, run_dir, started=_STARTED)
     return 0
@@ -192,11 +197,7 @@ def cmd_recipe(args) -> int:
     from crosstrain import log as logsetup
     from crosstrain.recipe import run_recipe
 
-    run_dir = Path(args.run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--run-dir: cannot create {run_dir}: {e.strerror}") from None
+    run_dir = _make_run_dir(args.run_dir)
     logsetup.setup(run_dir)
     _compilation_cache()
     result = run_recipe(args.recipe, run_dir)
@@ -399,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="mask-learning steps on the source's training stream")
     p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate of the mask scores")
     p.add_argument("--data", help="learn the masks on this data instead of the source run's")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                    help="settings of the new run (train.steps=..., optim.lr=...)")
     p.add_argument("--run-dir", required=True, help="the new run directory")
     p.add_argument("--json", action="store_true")

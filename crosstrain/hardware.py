@@ -228,16 +228,15 @@ def detect_chip(device) -> Optional[Chip]:
 def cpu_model() -> str:
     """This machine's CPU model name, as /proc/cpuinfo gives it (with the model number, since
     virtual machines often name only the vendor)."""
-    model, number = platform.processor() or platform.machine(), ""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == (platform.processor() or platform.machine()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("model\t") and not number:
-                number = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first processor's
     except OSError:
         pass
-    return f"{model} (model {number})" if number else model
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{model} (model {fields['model']})" if fields.get("model") else model
 
 
 def _cpu_identity() -> str:

@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crosstrain.config import Config, config_from_dict, load_run_config, save_config
+from crosstrain.config import config_from_dict, save_config
 from crosstrain.errors import UserError
+from crosstrain.train.metrics import write_json
 
 log = logging.getLogger("crosstrain")
 
@@ -169,9 +170,6 @@ def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, ov
         "masked_loss": [losses[0], losses[-1]], "heldout_loss_full": full_loss, "heldout_loss_pruned": hard_loss,
         "params_sha256": params_sha256(jax.device_get(small)), "seconds": time.perf_counter() - t0,
     }
-    (out / "prune.json").write_text(__import__("json").dumps(result, indent=1))
+    write_json(out / "prune.json", result)
     return result
 
-
-def load_source_config(source: Path) -> Config:
-    return load_run_config(source)

@@ -27,17 +27,19 @@ stage, and the step, where it stopped. DIR/recipe.json records every stage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
-from crosstrain.config import config_from_dict, load_config, load_run_config, parse_count, read_preset
+from crosstrain.config import Config, config_from_dict, load_run_config, parse_count, read_preset
 from crosstrain.errors import UserError
+from crosstrain.train.metrics import write_json
 
 log = logging.getLogger("crosstrain")
 
@@ -87,35 +89,46 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-def _train_config(stage: dict[str, Any], directory: Path):
-    overrides = [str(s) for s in (stage.get("set") or [])]
-    if stage.get("preset"):
-        raw = read_preset(stage["preset"])
-    else:
-        raw = {}
-    src = stage.get("from")
-    if src:
-        src_cfg = load_run_config(directory / src).to_dict()
-        # The source's model shape and tokenizer; the stage's own settings on top (a stage preset
-        # may change the sequence length or RoPE base, never the shape).
+def _stage_config(stage: dict[str, Any], src: Optional[dict[str, Any]], extra: tuple[str, ...] = (), *,
+                  first: tuple[str, ...] = (), planning: bool = False) -> Config:
+    """A train stage's config: its preset with its `set` on top, or, with a source stage's config
+    `src`, the source's model shape and settings with the stage's own on top (a stage preset may
+    change the sequence length or RoPE base, never the shape); its token budget as train.steps.
+    `first` overrides go under the stage's `set`, `extra` over it. `planning` leaves out data,
+    init and distillation (nothing has run to point at)."""
+    raw = read_preset(stage["preset"]) if stage.get("preset") else {}
+    overrides = list(first) + [str(s) for s in (stage.get("set") or [])] + list(extra)
+    if src is not None:
         preset_model = raw.get("model") or {}
-        raw = {**src_cfg, **{k: v for k, v in raw.items() if k != "model"}}
-        raw["model"] = {**src_cfg["model"], **{k: v for k, v in preset_model.items() if k not in SHAPE_KEYS}}
-        raw["data"] = {**(raw.get("data") or {}), "tokenizer": str((directory / src / "tokenizer.json").absolute())}
+        raw = {**src, **{k: v for k, v in raw.items() if k != "model"}}
+        raw["model"] = {**src["model"], **{k: v for k, v in preset_model.items() if k not in SHAPE_KEYS}}
         raw["init"] = {}
         raw["distill"] = {}
-        overrides.append(f"init.from_run={(directory / src).absolute()}")
-    if stage.get("distill"):
-        overrides.append(f"distill.teacher={(directory / stage['distill']).absolute()}")
+    if planning:
+        overrides = [o for o in overrides if not o.startswith(("init.", "distill.", "data."))]
+        raw = {k: v for k, v in raw.items() if k not in ("init", "distill", "data")}
     cfg = config_from_dict(raw, overrides)
-    if stage.get("tokens") is not None or stage.get("steps") is not None:
-        if stage.get("steps") is not None:
-            steps = int(stage["steps"])
-        else:
-            tokens = parse_count(str(stage["tokens"]), f"stages.{stage['name']}.tokens")
-            steps = max(1, math.ceil(tokens / (cfg.train.batch * cfg.model.seq_len)))
-        cfg = config_from_dict(raw, overrides + [f"train.steps={steps}"])
-    return cfg
+    if stage.get("steps") is not None:
+        steps = int(stage["steps"])
+    elif stage.get("tokens") is not None:
+        tokens = parse_count(str(stage["tokens"]), f"stages.{stage['name']}.tokens")
+        steps = max(1, math.ceil(tokens / (cfg.train.batch * cfg.model.seq_len)))
+    else:
+        return cfg
+    return config_from_dict(raw, overrides + [f"train.steps={steps}"])
+
+
+def _train_config(stage: dict[str, Any], directory: Path) -> Config:
+    """The stage's config for running it: from the source stage's run directory (its config.yaml,
+    tokenizer and latest parameters), distilling from the teacher stage's."""
+    src, first, extra = None, [], []
+    if stage.get("from"):
+        src = load_run_config(directory / stage["from"]).to_dict()
+        first.append(f"data.tokenizer={(directory / stage['from'] / 'tokenizer.json').absolute()}")
+        extra.append(f"init.from_run={(directory / stage['from']).absolute()}")
+    if stage.get("distill"):
+        extra.append(f"distill.teacher={(directory / stage['distill']).absolute()}")
+    return _stage_config(stage, src, tuple(extra), first=tuple(first))
 
 
 def _record(name: str, kind: str, run_dir: Path) -> dict[str, Any]:
@@ -178,46 +191,27 @@ def run_recipe(name_or_path: str, directory: Path) -> dict[str, Any]:
 
 def _write(directory: Path, recipe: dict[str, Any], stages: list[dict[str, Any]], baseline) -> dict[str, Any]:
     out = {"recipe": recipe["name"], "description": recipe.get("description", ""), "stages": stages, "baseline": baseline}
-    tmp = directory / "recipe.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(directory / "recipe.json")
+    write_json(directory / "recipe.json", out)
     return out
 
 
 def stage_configs(name_or_path: str):
     """Each stage's config as the recipe would build it, without running anything (for `plan
-    --recipe`): yields (stage, kind, Config, teacher Config or None)."""
+    --recipe`): (recipe, [(stage, kind, Config, teacher Config or None)]). A prune stage's config
+    is the model it prunes, for as many steps as it learns masks."""
     recipe = read_recipe(name_or_path)
-    built: dict[str, Any] = {}
+    built: dict[str, Config] = {}
     out = []
     for stage in recipe["stages"]:
         kind = stage.get("kind", "train")
         if kind == "prune":
             src = built[stage["from"]]
-            raw = src.to_dict()
-            raw["model"]["ffn"] = int(stage["ffn"])
-            cfg = config_from_dict(raw)
-            steps = int(stage.get("steps", 100))
-            cfg = config_from_dict({**raw, "train": {**raw["train"], "steps": steps}})
-            built[stage["name"]] = cfg
-            out.append((stage, kind, src.replace(train=cfg.train), None))
+            train_cfg = dataclasses.replace(src.train, steps=int(stage.get("steps", 100)))
+            built[stage["name"]] = src.replace(model=dataclasses.replace(src.model, ffn=int(stage["ffn"])), train=train_cfg)
+            out.append((stage, kind, src.replace(train=train_cfg), None))
             continue
-        raw = read_preset(stage["preset"]) if stage.get("preset") else {}
-        overrides = [str(s) for s in (stage.get("set") or []) if not str(s).startswith(("init.", "distill.", "data."))]
-        if stage.get("from"):
-            src = built[stage["from"]].to_dict()
-            preset_model = raw.get("model") or {}
-            raw = {**src, **{k: v for k, v in raw.items() if k != "model"}}
-            raw["model"] = {**src["model"], **{k: v for k, v in preset_model.items() if k not in SHAPE_KEYS}}
-        raw = {k: v for k, v in raw.items() if k not in ("init", "distill", "data")}
-        cfg = config_from_dict(raw, overrides)
-        if stage.get("steps") is not None:
-            steps = int(stage["steps"])
-        elif stage.get("tokens") is not None:
-            steps = max(1, math.ceil(parse_count(str(stage["tokens"]), "tokens") / (cfg.train.batch * cfg.model.seq_len)))
-        else:
-            steps = cfg.train.steps
-        cfg = config_from_dict(raw, overrides + [f"train.steps={steps}"])
+        src = built[stage["from"]].to_dict() if stage.get("from") else None
+        cfg = _stage_config(stage, src, planning=True)
         built[stage["name"]] = cfg
         out.append((stage, kind, cfg, built[stage["distill"]] if stage.get("distill") else None))
     return recipe, out

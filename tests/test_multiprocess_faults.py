@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from test_faults import wait_for as _wait
+from test_sharding import _find_child as _worker
 
 ARGS = ["train", "--preset", "tiny", "--set", "model.compute_dtype=float32", "mesh.fsdp=2", "train.steps=24",
         "train.checkpoint_every=3", "train.batch=16"]
@@ -29,33 +30,9 @@ def _launch(run: Path, **kw):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
 
-def _worker(process_id: int, run: Path) -> int | None:
-    """The pid of the launched worker with this process id for this run."""
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            environ = (pid_dir / "environ").read_bytes().split(b"\0")
-            cmdline = (pid_dir / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"CROSSTRAIN_PROCESS_ID={process_id}".encode() in environ and str(run).encode() in cmdline:
-            return int(pid_dir.name)
-    return None
-
-
 def _records(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _wait(predicate, timeout=180.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def _finish(run: Path) -> str:
@@ -84,11 +61,11 @@ def test_killing_one_of_two_workers_at_random_moments_resumes_bit_exactly(tmp_pa
             ckdir = run / "checkpoints"
             if attempt == 1:
                 # During a save: as soon as Orbax has a temporary directory for a step.
-                _wait(lambda: ckdir.exists() and any("tmp" in p.name for p in ckdir.iterdir()) or proc.poll() is not None)
+                _wait(lambda: ckdir.exists() and any("tmp" in p.name for p in ckdir.iterdir()) or proc.poll() is not None, timeout=180)
                 moment = "during a save"
             else:
                 target = n0 + rng.randint(2, 8)
-                _wait(lambda: len(_records(run)) >= target or proc.poll() is not None)
+                _wait(lambda: len(_records(run)) >= target or proc.poll() is not None, timeout=180)
                 time.sleep(rng.uniform(0, 0.05))
                 moment = f"after {target} records"
             victim = rng.randint(0, 1)

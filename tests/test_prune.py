@@ -8,7 +8,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from crosstrain.config import load_config
 from crosstrain.model import forward, init_params

@@ -21,11 +21,10 @@ What comes back, beside the planner's own figures for the same program:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import time
-from typing import Any, Optional
+from typing import Any
 
 from crosstrain.config import Config
 from crosstrain.errors import UserError

@@ -73,40 +73,21 @@ class Teacher:
 
 
 def load_teacher(student: Config, setup, devices) -> Teacher:
-    """The teacher run's latest parameters, on the student's mesh and sharding rules."""
-    from crosstrain.config import load_run_config
-    from crosstrain.parallel.rules import named_sharding
-    from crosstrain.model import param_axes
-    from crosstrain.train.checkpoint import Checkpointer
-    from crosstrain.train.loop import abstract_train_state, make_setup
+    """The teacher run's latest parameters, on the student's mesh and sharding rules (`train`
+    has already checked that the vocabularies match)."""
+    from crosstrain.config import config_from_dict, load_run_config
+    from crosstrain.train.loop import latest_state_of, make_setup
 
     directory = Path(student.distill.teacher)
     tcfg = load_run_config(directory)
-    if tcfg.model.vocab != student.model.vocab:
-        raise UserError(f"distill.teacher: the teacher's vocabulary ({tcfg.model.vocab}) differs from the student's "
-                        f"({student.model.vocab}); distillation needs the same tokenizer")
     raw = tcfg.to_dict()
-    raw["mesh"] = {**student.to_dict()["mesh"], "rule": "none"}
-    raw["train"] = student.to_dict()["train"]
-    raw["data"] = {}
-    raw["init"] = {}
-    raw["distill"] = {}
-    from crosstrain.config import config_from_dict
-
+    raw.update({"mesh": {**student.to_dict()["mesh"], "rule": "none"}, "train": student.to_dict()["train"],
+                "data": {}, "init": {}, "distill": {}})
     try:
         tsetup = make_setup(config_from_dict(raw), devices)
     except UserError as e:
         raise UserError(f"distill.teacher: {e}") from None
-    ckpt = Checkpointer(directory / "checkpoints", tcfg.checkpoint, primary=False)
-    try:
-        found = ckpt.restore_latest(abstract_train_state(tsetup))
-    finally:
-        ckpt.close()
-    if found is None:
-        raise UserError(f"distill.teacher: {directory} has no valid checkpoint")
-    step, state, _ = found
-    shardings = jax.tree.map(lambda axes: named_sharding(setup.mesh, axes), param_axes(tsetup.cfg.model),
-                             is_leaf=lambda x: isinstance(x, tuple))
+    step, state = latest_state_of(directory, tcfg, tsetup, "distill.teacher")
     log.info("distilling from %s (step %d, %s), %s target, teacher weight %.2f", directory, step,
              f"{tcfg.model.layers} layers x {tcfg.model.hidden}", student.distill.mode, student.distill.teacher_weight)
-    return Teacher(tsetup.cfg, state.params, shardings, step)
+    return Teacher(tsetup.cfg, state.params, tsetup.state_shardings.params, step)

@@ -90,6 +90,20 @@ def abstract_train_state(setup: Setup) -> TrainState:
     return abstract_like(shapes, setup.state_shardings)
 
 
+def latest_state_of(source: Path, source_cfg: Config, setup: Setup, field: str) -> tuple[int, TrainState]:
+    """(step, state) of another run's latest valid checkpoint, restored onto `setup`'s mesh;
+    `field` names the setting that pointed there, for the error when it has none."""
+    ckpt = Checkpointer(source / "checkpoints", source_cfg.checkpoint, primary=False)
+    try:
+        found = ckpt.restore_latest(abstract_train_state(setup))
+    finally:
+        ckpt.close()
+    if found is None:
+        raise UserError(f"{field}: {source} has no valid checkpoint")
+    step, state, _ = found
+    return step, state
+
+
 def state_from_run(setup: Setup, source: Path) -> TrainState:
     """Fresh optimizer state around the latest parameters of another run (the next AFM stage)."""
     from crosstrain.config import load_run_config
@@ -103,14 +117,7 @@ def state_from_run(setup: Setup, source: Path) -> TrainState:
         a.shape != b.shape for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs))
     ):
         raise UserError(f"init.from_run: the model in {source} has a different shape from this run's model")
-    ckpt = Checkpointer(source / "checkpoints", src_cfg.checkpoint, primary=False)
-    try:
-        found = ckpt.restore_latest(abstract_train_state(setup))
-    finally:
-        ckpt.close()
-    if found is None:
-        raise UserError(f"init.from_run: {source} has no valid checkpoint")
-    step, src_state, _ = found
+    step, src_state = latest_state_of(source, src_cfg, setup, "init.from_run")
     log.info("initialised parameters from %s (step %d), fresh optimizer state", source, step)
     fn = jax.jit(lambda p: init_state(p, setup.cfg.train.seed), out_shardings=setup.state_shardings)
     return fn(src_state.params)
@@ -411,7 +418,6 @@ class Trainer:
         # Events past `start` (from an attempt that got further than its last checkpoint) are
         # purged, as metrics.jsonl drops its records past it: one curve, each step once.
         self.tb = TensorBoardWriter(self.run_dir / "tensorboard", resume_step=start) if self.is_main else None
-        self.profiling = False
         self.batches = self.pipeline.batches(self.rows, state=data_state)
         if data_state is None and start:
             raise RuntimeError("a resumed run must have a data iterator state")
