@@ -240,7 +240,12 @@ def cmd_plan(args) -> int:
         from crosstrain.planner.cases import evaluate_cases
 
         result = evaluate_cases(Path(args.cases))
+        if args.out:
+            report.cases_chart(result, Path(args.out))
+            result["chart"] = args.out
         print(json.dumps(result, indent=1) if args.json else report.cases_table(result))
+        if args.out and not args.json:
+            print(f"chart: {args.out}")
         return 0
     if not args.preset and not args.recipe:
         raise UserError("plan: --preset is required (or --cases FILE.csv, or --recipe)")
@@ -380,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--power-cap", type=float, help="chips run under this power cap (W): lower sustained clocks")
     p.add_argument("--pue", type=float, default=1.0, help="data-centre power usage effectiveness for energy")
     p.add_argument("--compare", help="several options side by side: CHIP:N,CHIP:N,... (writes a PNG chart)")
-    p.add_argument("--out", help="where --compare writes its chart (default plan-compare.png)")
+    p.add_argument("--out", help="where --compare writes its chart (default plan-compare.png); with --cases, "
+                                 "a chart of predicted against published speed")
     p.add_argument("--cases", help="validate against published runs in this CSV (shared/planner/cases.csv schema)")
     p.add_argument("--recipe", help="plan every stage of a recipe (crosstrain recipe) on --chip/--chips or --compare")
     p.add_argument("--aot", action="store_true", help="also compile crosstrain's step for a TPU topology with libtpu")

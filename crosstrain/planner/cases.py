@@ -28,7 +28,12 @@ from crosstrain.planner.search import search
 
 REQUIRED = ("id", "chip", "chips", "layers", "hidden", "heads", "ffn", "vocab", "seq_len", "metric", "value")
 METRICS = ("mfu", "tflops_per_chip_model", "tflops_per_chip_hw", "tokens_per_s_per_chip", "seqs_per_s", "step_time_s")
-REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "selective", "full": "full"}
+REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "selective", "dots": "dots", "mlp": "mlp",
+               "offload": "offload", "full": "full"}
+# Source-stated settings without a column of their own, given per run in
+# published_cases_assumptions.csv with the source's words as the basis.
+LAYOUT_FLAGS = {"keep_gathered": bool, "gather_bytes": int, "reduce_bytes": int, "tp_comm_overlap": bool,
+                "flash": bool}
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Prepared:
     power_cap: Optional[float]
     layout: Layout
     assumed: list[str]
+    flash: Optional[bool] = None  # None: the family's attention kernel
 
     @property
     def group(self) -> str:
@@ -84,7 +90,7 @@ class Prepared:
         if scales is not None:
             fam = dataclasses.replace(fam, fitted_scale=scales.get(self.chip.family, 1.0))
         return estimate(self.m, self.chip, self.layout, global_batch=self.batch, glu=self.glu, family=fam,
-                        compute_dtype=self.compute_dtype, power_cap_w=self.power_cap)
+                        compute_dtype=self.compute_dtype, power_cap_w=self.power_cap, flash=self.flash)
 
     def predict(self, scales: Optional[dict[str, float]] = None) -> float:
         return metric_value(self.row["metric"], self.estimate(scales), self.m, self.chip, self.chips, self.batch,
@@ -188,6 +194,17 @@ def prepare_case(row: dict[str, str]) -> Prepared:
         fixed["remat"] = REMAT_NAMES.get(remat, "full")
     if "zero1" in (row.get("notes") or "").lower().replace("-", ""):
         fixed["zero1"] = True
+    for key, kind in LAYOUT_FLAGS.items():
+        value = (row.get(key) or "").strip().lower()
+        if not value:
+            continue
+        if kind is bool and value in ("true", "false"):
+            fixed[key] = value == "true"
+        elif kind is int and value in ("1", "2", "4"):
+            fixed[key] = int(value)
+        else:
+            allowed = "true or false" if kind is bool else "1, 2 or 4 (bytes per element)"
+            raise UserError(f"--cases: row {row['id']}: {key} must be {allowed}, got '{value}'")
     if "interleaved" in (row.get("notes") or "").lower():
         fixed["virtual_stages"] = 2
     batch = _int(row, "global_batch_seqs")
@@ -207,8 +224,9 @@ def prepare_case(row: dict[str, str]) -> Prepared:
         assumed.append(f"power cap {power_cap:.0f} W (notes column)")
     precision = (row.get("precision") or "bf16").strip().lower()
     compute_dtype = "fp8" if precision == "fp8" and chip.peak_flops("fp8") else "bfloat16"
+    flash = fixed.pop("flash", None)
     est, _ = search(m, chip, devices, batch, fixed=fixed, glu=glu, require_fit=False, power_cap_w=power_cap,
-                    compute_dtype=compute_dtype)
+                    compute_dtype=compute_dtype, flash=flash)
     if est is not None and not est.fits:
         assumed.append(f"memory: the planner estimates {est.memory_per_device_gib:.0f} GiB per device, over "
                        f"the catalog's {est.capacity_gib:.0f} GiB for {chip.name}")
@@ -220,7 +238,7 @@ def prepare_case(row: dict[str, str]) -> Prepared:
     if not remat:
         assumed.append(f"remat={est.layout.remat} (searched)")
     return Prepared(row=row, m=m, chip=chip, chips=chips, batch=batch, glu=glu, compute_dtype=compute_dtype,
-                    power_cap=power_cap, layout=est.layout, assumed=assumed)
+                    power_cap=power_cap, layout=est.layout, assumed=assumed, flash=flash)
 
 
 def metric_value(metric: str, est: Estimate, m: ModelConfig, chip, chips: int, batch: int, row: dict, glu: bool) -> float:

@@ -76,6 +76,11 @@ class Family:
     # Memory the runtime keeps for itself per device (GiB), and the fraction of HBM usable.
     reserved_gib: float
     usable: float
+    # Collectives over a group that spans several fast domains (TPU slices joined by DCN) run
+    # hierarchically: only each device's share crosses the slow link (XLA decomposes multi-slice
+    # collectives into ICI and DCN phases). False: a flat ring whose every hop may be the slow
+    # link (NCCL across nodes, each GPU with its own NIC).
+    hierarchical: bool = False
     # FITTED, the one fitted constant per family: the fraction of the modelled compute rate
     # (matmul and attention efficiency above) that published training software reaches, fitted to
     # the published runs of the family (crosstrain/planner/calibrate.py) and judged by
@@ -86,7 +91,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "tpu": Family("tpu", matmul_eff=0.90, width_half=96, overlap=0.9, tp_overlap=0.25, link_eff=0.8,
                   causal_skip=True, attn_eff=0.6, elementwise_passes=1.0, reserved_gib=0.5, usable=0.97,
-                  fitted_scale=0.83),
+                  hierarchical=True, fitted_scale=0.86),
     "gpu": Family("gpu", matmul_eff=0.75, width_half=160, overlap=0.8, tp_overlap=0.0, link_eff=0.75,
                   causal_skip=True, attn_eff=0.4, elementwise_passes=2.5, reserved_gib=2.0, usable=0.92,
                   fitted_scale=1.00),
@@ -109,7 +114,20 @@ class Layout:
     virtual_stages: int = 1  # interleaved pipeline schedule
     sequence_parallel: bool = True  # shard norm/residual activations over tp (Megatron SP)
     zero1: bool = False  # optimizer state sharded over dp
-    remat: str = "full"  # none | selective | dots | attention | full
+    remat: str = "full"  # none | selective | dots | attention | mlp | offload | full
+    # FSDP: weights all-gathered for every microbatch's forward and backward (ZeRO-3, the
+    # default), or once per step and kept gathered until the backward is done (ZeRO-2; Llama 3's
+    # "FSDP that does not reshard after forward").
+    keep_gathered: bool = False
+    # Bytes per weight element in FSDP's all-gathers: 2 (bf16), 1 where the weights are gathered
+    # in fp8 (torchtitan's float8 all-gather).
+    gather_bytes: int = BF16
+    # Bytes per gradient element in FSDP's reduce-scatter and DP's all-reduce: 4 (fp32), 2 where
+    # the software reduces in bf16 (Composer's "PURE" FSDP mixed precision).
+    reduce_bytes: int = FP32
+    # The software overlaps tensor-parallel collectives with the matmuls (Megatron-core's
+    # --tp-comm-overlap, XLA's collective matmul): a source-stated setting, not a fitted one.
+    tp_comm_overlap: bool = False
 
     @property
     def devices(self) -> int:
@@ -151,6 +169,23 @@ def _shape_factor(width: float, half: int) -> float:
 
 def layer_params(m: ModelConfig, glu: bool = True) -> float:
     return (matmul_params(m, glu=glu) - m.hidden * m.vocab) / m.layers + 2 * m.hidden + (2 * m.head_dim if m.qk_norm else 0)
+
+
+def recomputed_dense_fraction(m: ModelConfig, remat: str, glu: bool = True) -> float:
+    """Fraction of the layers' weight-matmul forward recomputed in the backward pass."""
+    if remat in ("full", "attention"):
+        return 1.0
+    if remat == "mlp":
+        return (3 if glu else 2) * m.hidden * m.ffn / (m.hidden * (2 * m.heads + 2 * m.kv_heads) * m.head_dim
+                                                       + (3 if glu else 2) * m.hidden * m.ffn)
+    if remat == "offload":
+        # q, k, v come back from host memory; the attention output projection and the MLP are
+        # recomputed.
+        qkv = m.hidden * (m.heads + 2 * m.kv_heads) * m.head_dim
+        out = m.heads * m.head_dim * m.hidden
+        mlp = (3 if glu else 2) * m.hidden * m.ffn
+        return (out + mlp) / (qkv + out + mlp)
+    return 0.0
 
 
 def total_params(m: ModelConfig, glu: bool = True) -> float:
@@ -225,6 +260,12 @@ def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool
         # keeps what selective keeps, within 1% (the fused ops' backward saves their bf16 outputs).
         "dots": selective,
         "attention": layer_input + attn_saved,
+        # AXLearn's default (save_only_these_names of the attention's q, k, v, context and
+        # output projection): the MLP and the norms are recomputed.
+        "mlp": layer_input + BF16 * ((2 * m.heads + 2 * m.kv_heads) * hd / tp + m.hidden / h_div),
+        # The layer input and q, k, v go to host memory (MaxText's "custom" policy with offloads,
+        # AXLearn's offload_attention_proj_policy): nothing stays on the device.
+        "offload": 0.0,
         "full": layer_input,  # only each layer's input
         "working": working,  # one layer's activations while it is recomputed / differentiated
     }
@@ -256,14 +297,17 @@ def estimate(
     model_flops = flops_per_token(m, attention="full", glu=glu) * tokens_step
     dense_fwd = 2.0 * (matmul_params(m, glu=glu) - m.hidden * m.vocab)  # per token, all layers
     attn_fwd = attention_flops_per_token(m, attention=executed_attn)
-    recompute_dense = lay.remat in ("full", "attention")
+    recompute_dense = recomputed_dense_fraction(m, lay.remat, glu)
     # forward, backward (2x), recomputed forward
-    dense_per_token = (3.0 + (1.0 if recompute_dense else 0.0)) * dense_fwd
-    # Attention is recomputed under full remat, and under selective (Megatron's definition:
-    # recompute the attention core) except in crosstrain's step with Splash, whose selective
-    # policy keeps the kernel's residuals; "attention" and "dots" keep its output.
-    recompute_attn = lay.remat == "full" or (lay.remat == "selective" and not (flash and implementation == "crosstrain"))
-    attn_per_token = (3.0 + (1.0 if recompute_attn else 0.0)) * attn_fwd
+    dense_per_token = (3.0 + recompute_dense) * dense_fwd
+    # Attention is recomputed under full remat and offload, and under selective (Megatron's
+    # definition: recompute the attention core) except in crosstrain's step with Splash, whose
+    # selective policy keeps the kernel's residuals; "attention" and "dots" keep its output.
+    recompute_attn = 1.0 if lay.remat in ("full", "offload") or (
+        lay.remat == "selective" and not (flash and implementation == "crosstrain")) else 0.0
+    if lay.remat == "mlp" and not flash:
+        recompute_attn = 0.5  # the attention output is kept; the scores (QK^T, softmax) are not
+    attn_per_token = (3.0 + recompute_attn) * attn_fwd
     head_per_token = 3.0 * 2.0 * m.hidden * m.vocab
     hw_flops = (dense_per_token + attn_per_token + head_per_token) * tokens_step
 
@@ -300,8 +344,7 @@ def estimate(
     elem_per_token_layer = BF16 * 3 * (10 * m.hidden / h_div + 10 * (m.heads + 2 * m.kv_heads) * m.head_dim / lay.tp + (4 if glu else 2) * m.ffn / lay.tp)
     if not flash:
         elem_per_token_layer += 3 * m.heads * (seq / lay.cp) * (2 * FP32 + 2 * BF16) / lay.tp
-    if recompute_dense:
-        elem_per_token_layer *= 4.0 / 3.0
+    elem_per_token_layer *= 1.0 + recompute_dense / 3.0
     elem_per_token_layer *= fam.elementwise_passes
     tokens_device = tokens_step / (lay.ranks * lay.cp)
     layers_stage = m.layers / lay.pp
@@ -312,16 +355,30 @@ def estimate(
     t_memory = (elem_per_token_layer * layers_stage * tokens_device + opt_bytes) / hbm
 
     # ---- communication ----------------------------------------------------------------------
+    domain_devices = min(chip.link_domain, slice_chips or chip.link_domain) * chip.devices_per_chip
+    fast = chip.link_gbps * 1e9 / chip.devices_per_chip * fam.link_eff
+    slow = min(fast, (chip.scaleout_gbps or chip.link_gbps) * 1e9 / chip.devices_per_chip * fam.link_eff)
+
     def bandwidth(group: int, inner: int) -> float:
         """Per-device bandwidth (bytes/s, one direction) of a group of `group` devices whose
         members are `inner` devices apart."""
-        domain_devices = min(chip.link_domain, slice_chips or chip.link_domain) * chip.devices_per_chip
-        fast = chip.link_gbps * 1e9 / chip.devices_per_chip * fam.link_eff
-        slow = (chip.scaleout_gbps or chip.link_gbps) * 1e9 / chip.devices_per_chip * fam.link_eff
-        return fast if group * inner <= domain_devices else min(fast, slow)
+        return fast if group * inner <= domain_devices else slow
+
+    def gather_time(volume: float, group: int, inner: int) -> float:
+        """Seconds for one all-gather (or reduce-scatter) of a `volume`-byte buffer over `group`
+        devices `inner` apart: each device receives (group - 1) / group of it. Hierarchically
+        (Family.hierarchical), only the shards of the devices in other domains cross the slow
+        link; the rest moves inside the domain."""
+        if group <= 1:
+            return 0.0
+        if group * inner <= domain_devices or not fam.hierarchical:
+            return volume * (group - 1) / group / bandwidth(group, inner)
+        inside = max(1, min(group, domain_devices // max(1, inner)))
+        outside = group / inside
+        return volume * (outside - 1) / group / slow + volume * (inside - 1) / inside / fast
 
     tp_bw = bandwidth(lay.tp, 1)
-    tp_passes = 6 if recompute_dense else 4
+    tp_passes = 4 + 2 * recompute_dense
     tp_volume = micro_tokens * m.hidden * BF16
     t_tp = 0.0
     if lay.tp > 1:
@@ -333,17 +390,19 @@ def estimate(
     stage_params = params_total / (lay.tp * lay.pp)
     t_fsdp = 0.0
     if lay.fsdp > 1:
-        gathers = 2 * n_micro * stage_params * BF16
-        scatter = stage_params * FP32
-        t_fsdp = (gathers + scatter) * (lay.fsdp - 1) / lay.fsdp / bandwidth(lay.fsdp, lay.tp * lay.cp)
+        gathers = (1 if lay.keep_gathered else 2 * n_micro) * stage_params * lay.gather_bytes
+        scatter = stage_params * lay.reduce_bytes
+        t_fsdp = gather_time(gathers + scatter, lay.fsdp, lay.tp * lay.cp)
     t_dp = 0.0
     if lay.dp > 1:
-        grads = stage_params / lay.fsdp * FP32
-        t_dp = 2 * (lay.dp - 1) / lay.dp * grads / bandwidth(lay.dp, lay.tp * lay.cp * lay.fsdp)
+        grads = stage_params / lay.fsdp * lay.reduce_bytes
+        # An all-reduce: a reduce-scatter and an all-gather.
+        t_dp = 2 * gather_time(grads, lay.dp, lay.tp * lay.cp * lay.fsdp)
     bubble = (lay.pp - 1) / (n_micro * lay.virtual_stages) if lay.pp > 1 else 0.0
     if lay.pp > 1 and n_micro < lay.pp:
         notes.append(f"only {n_micro} microbatches for {lay.pp} pipeline stages: large bubble")
-    exposed_tp = t_tp * (1 - fam.tp_overlap)
+    # With the software's TP overlap on, TP traffic hides like FSDP's (async beside the matmuls).
+    exposed_tp = t_tp * (1 - (max(fam.tp_overlap, fam.overlap) if lay.tp_comm_overlap else fam.tp_overlap))
     exposed_cp = t_cp * (1 - fam.overlap)
     overlappable = t_fsdp + t_dp
     exposed_sharding = max(overlappable - fam.overlap * t_compute, (1 - fam.overlap) * overlappable)
@@ -361,7 +420,11 @@ def estimate(
     # fp32 logits and their gradient; crosstrain's fused loss keeps one fp32 copy live with the
     # reference attention's scores around, both with Splash (XLA's TPU memory analysis).
     logits = micro_tokens * m.vocab / lay.tp * (FP32 if implementation == "crosstrain" and not flash else 2 * FP32)
-    gathered = (2 * layer_params(m, glu) / lay.tp * BF16) if lay.fsdp > 1 else 0.0
+    gathered = 0.0
+    if lay.fsdp > 1:
+        # Two layers' weights in flight (the one computing, the next arriving), or the whole
+        # stage kept gathered.
+        gathered = (layers_stage if lay.keep_gathered else 2) * layer_params(m, glu) / lay.tp * lay.gather_bytes
     accumulation = 0.0
     if implementation == "crosstrain" and flash:
         # crosstrain's compiled step (XLA's TPU memory analysis) holds the scan's stacked layer

@@ -98,6 +98,44 @@ def compare_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     tmp.replace(path)
 
 
+def cases_chart(result: dict[str, Any], path: Path) -> None:
+    """Predicted against measured speed for every published run, in sample and leave-one-group-out,
+    one colour per chip family, on log axes with the +-10% band the planner aims for."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"tpu": "#4C72B0", "gpu": "#55A868", "trainium": "#DD8452", "cpu": "#8C8C8C"}
+    s = result["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), dpi=110, sharey=True)
+    for ax, key, name in ((axes[0], "rel_error", "in sample"), (axes[1], "loso_rel_error", "leave-one-group-out")):
+        for family, color in colors.items():
+            rows = [c for c in result["cases"] if c["family"] == family]
+            if not rows:
+                continue
+            # Speed relative to the measurement: a step time's error is inverted so that > 1 always
+            # means the planner says faster than it went.
+            ratio = [1 / (1 + c[key]) if c["metric"] == "step_time_s" else 1 + c[key] for c in rows]
+            ax.scatter([c["chips"] for c in rows], ratio, color=color, label=f"{family} ({len(rows)})", alpha=0.8)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhspan(0.9, 1.1, color="grey", alpha=0.15, label="+-10%")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("chips")
+        med = s["median_abs_rel_error" if key == "rel_error" else "loso_median_abs_rel_error"]
+        ax.set_title(f"{name}: median |error| {100 * med:.1f}%")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("predicted speed / published speed")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"planner vs {s['count']} published runs in {s['groups']} groups")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def cases_table(result: dict[str, Any]) -> str:
     head = (f"{'case':>36} {'group':>20} {'metric':>22} {'predicted':>10} {'actual':>10} {'error':>7} "
             f"{'LOGO':>7}  layout")

@@ -10,6 +10,8 @@ from crosstrain.hardware import Chip
 from crosstrain.planner.model import Estimate, Layout, estimate
 
 REMATS = ("none", "selective", "full")
+# Source-stated layout settings that candidate layouts carry through unchanged.
+LAYOUT_FLAGS = ("keep_gathered", "gather_bytes", "reduce_bytes", "tp_comm_overlap")
 # crosstrain's own step also has the "attention" policy (model/transformer.py).
 CROSSTRAIN_REMATS = ("none", "selective", "attention", "full")
 
@@ -80,7 +82,8 @@ def candidate_layouts(
                             for v in stages:
                                 yield Layout(tp=tp, pp=pp, dp=dp, fsdp=fsdp, cp=cp, microbatch=micro, remat=remat,
                                              zero1=bool(fixed.get("zero1", False)), virtual_stages=v,
-                                             sequence_parallel=fixed.get("sequence_parallel", True))
+                                             sequence_parallel=fixed.get("sequence_parallel", True),
+                                             **{k: fixed[k] for k in LAYOUT_FLAGS if k in fixed})
 
 
 def search(
