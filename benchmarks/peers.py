@@ -41,11 +41,19 @@ def crosstrain_runner(dtype: str, tokens):
     import jax
     import jax.numpy as jnp
 
+    import dataclasses
+
     from crosstrain.config import load_config
     from crosstrain.model import init_params
+    from crosstrain.resolve import resolve_model
     from crosstrain.train.step import init_state, make_train_step
 
     cfg = load_config("nano", [f"model.compute_dtype={dtype}"])
+    # Every `auto` decided as `crosstrain train` and `bench` decide it on this machine (attention
+    # kernel, activation dtype, transposed dots); an unresolved model runs the reference path.
+    model, resolved = resolve_model(cfg.model, jax.devices()[:1])
+    cfg = dataclasses.replace(cfg, model=model)
+    print(f"crosstrain {dtype}: {resolved.describe()}", file=sys.stderr)
     state = init_state(init_params(cfg.model, jax.random.key(0)))
     step = jax.jit(make_train_step(cfg), donate_argnums=(0,))
     batch = jnp.asarray(tokens, jnp.int32)

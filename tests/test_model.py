@@ -149,7 +149,7 @@ def test_params_sha256_is_stable_and_sensitive():
 @pytest.mark.parametrize("copy", [False, True])
 def test_hand_written_gradients_equal_autodiff(copy):
     """Both ways of feeding transposed operands to the backward GEMMs (ModelConfig.dot_transposes)."""
-    from crosstrain.model.fused import output_cross_entropy, qkv_projection, swiglu_mlp
+    from crosstrain.model.fused import linear, output_cross_entropy, qkv_projection, swiglu_mlp
 
     rng = np.random.default_rng(0)
     h = jnp.asarray(rng.normal(size=(12, 16)), jnp.float32)
@@ -173,6 +173,14 @@ def test_hand_written_gradients_equal_autodiff(copy):
     for a, b in zip(ours[0], want[0]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(ours[1]((dq, dk, dv)), want[1]((dq, dk, dv))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    wo = jnp.asarray(rng.normal(size=(16, 10)) * 0.3, jnp.float32)
+    do = jnp.asarray(rng.normal(size=(12, 10)), jnp.float32)
+    ours = jax.vjp(lambda h, wo: linear(h, wo, copy_transposes=copy), h, wo)
+    want = jax.vjp(lambda h, wo: h @ wo, h, wo)
+    np.testing.assert_allclose(ours[0], want[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours[1](do), want[1](do)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
     targets = jnp.asarray(rng.integers(0, 30, size=12), jnp.int32)

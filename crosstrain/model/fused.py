@@ -8,6 +8,7 @@ operand of every weight gradient. These custom VJPs give the same values and gra
 compare them with plain autodiff):
 
 - `qkv_projection`: q, k and v as one GEMM, one weight-gradient GEMM for all three;
+- `linear`: one projection (the attention output's), its weight gradient from a row-major x^T;
 - `causal_gqa_attention`: batched GEMMs over (batch, kv head), causal query blocks;
 - `swiglu_mlp`: the whole SwiGLU MLP, gate and up as one GEMM; the backward is multiplies and
   adds in the activations' natural layout, and GEMMs;
@@ -185,6 +186,31 @@ def _qkv_bwd(copy, res, grads):
 
 
 _qkv.defvjp(_qkv_fwd, _qkv_bwd)
+
+
+def linear(x: jax.Array, w: jax.Array, *, copy_transposes: bool = False) -> jax.Array:
+    """x [N, K] @ w [K, M], fp32 result; the backward's weight gradient transposes only x."""
+    return _linear(x, w, copy_transposes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear(x, w, copy):
+    return _mm(x, w)
+
+
+def _linear_fwd(x, w, copy):
+    return _mm(x, w), (x, w)
+
+
+def _linear_bwd(copy, res, dy):
+    x, w = res
+    dy = dy.astype(x.dtype)
+    dx = lax.dot_general(dy, w, _NT, preferred_element_type=jnp.float32)  # dy @ w^T, row-major
+    dw = _mm(transpose_copy(x, copy), dy)  # [K, N] @ [N, M]
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def _bnt(a, b):

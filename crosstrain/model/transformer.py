@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from crosstrain.config import ModelConfig, dtype_of
 from crosstrain.model.attention import ATTENTION_RESIDUALS, attention
-from crosstrain.model.fused import output_cross_entropy, qkv_projection, swiglu_mlp
+from crosstrain.model.fused import linear, output_cross_entropy, qkv_projection, swiglu_mlp
 from crosstrain.parallel.rules import constrain
 
 Params = dict[str, Any]
@@ -91,12 +91,6 @@ def interpret_kernels(cfg: ModelConfig) -> bool:
     return cfg.kernel_mode == "interpret"
 
 
-def _dense(spec: str, x: jax.Array, w: jax.Array, cdt, adt) -> jax.Array:
-    """Matmul inputs in the compute dtype, fp32 accumulation, result in the activation dtype."""
-    y = jnp.einsum(spec, x.astype(cdt), w.astype(cdt), preferred_element_type=jnp.float32)
-    return y.astype(adt)
-
-
 def _block(cfg: ModelConfig, x, p, cos, sin, q_pos, kv_pos, cache_kv, start_pos):
     """One pre-norm decoder layer. Returns the new residual stream and, when decoding, the
     layer's updated (k, v) cache. Named scopes label each part in profiles (docs/performance.md)."""
@@ -133,7 +127,9 @@ def _block(cfg: ModelConfig, x, p, cos, sin, q_pos, kv_pos, cache_kv, start_pos)
                       copy_transposes=copy_transposes(cfg), interpret=interpret_kernels(cfg))
         o = checkpoint_name(o, "attn_out")
     with jax.named_scope("attn_out_proj"):
-        x = x + checkpoint_name(_dense("bshk,hkd->bsd", o, p["wo"], cdt, adt), "attn_proj")
+        proj = linear(o.reshape(b * s, -1).astype(cdt), p["wo"].reshape(-1, d).astype(cdt),
+                      copy_transposes=copy_transposes(cfg))
+        x = x + checkpoint_name(proj.reshape(b, s, d).astype(adt), "attn_proj")
         x = constrain(x, ("batch", "length", "act_embed"))
     with jax.named_scope("mlp"):
         h = rms_norm(x, p["mlp_norm"], eps)
