@@ -74,8 +74,13 @@ def topology_devices(chip: str, chips: int, slices: int = 1) -> tuple[str, list]
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name, num_slices=slices)
     except Exception as e:  # libtpu's refusal of a topology is a user-facing answer
+        message = str(e).strip().splitlines()[0]
+        if "lockfile" in message:
+            # One process at a time may hold libtpu; another crosstrain (or a test run) has it.
+            raise UserError("--aot: libtpu is in use by another process on this machine "
+                            "(/tmp/libtpu_lockfile); run again when it has finished") from None
         raise UserError(f"--chips: libtpu does not know the topology {name} x {slices} slice(s): "
-                        f"{str(e).strip().splitlines()[0][:160]}") from None
+                        f"{message[:160]}") from None
     return name, list(desc.devices)
 
 
