@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from crosstrain.errors import ConfigError, UserError
+from crosstrain.files import atomic_write
 
 Dtype = Literal["bfloat16", "float32"]
 
@@ -452,10 +453,7 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # --------------------------------------------------------------------------------------------

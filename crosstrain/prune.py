@@ -34,7 +34,7 @@ import optax
 
 from crosstrain.config import config_from_dict, save_config
 from crosstrain.errors import UserError
-from crosstrain.train.metrics import write_json
+from crosstrain.files import write_json
 
 log = logging.getLogger("crosstrain")
 

@@ -39,7 +39,7 @@ import yaml
 
 from crosstrain.config import Config, config_from_dict, load_run_config, parse_count, read_preset
 from crosstrain.errors import UserError
-from crosstrain.train.metrics import write_json
+from crosstrain.files import write_json
 
 log = logging.getLogger("crosstrain")
 

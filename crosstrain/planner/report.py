@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from crosstrain.files import pyplot, save_figure
+
 
 def _fmt(v: float, unit: str = "") -> str:
     if v is None:
@@ -72,11 +74,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
 
 
 def compare_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [r for r in rows if "error" not in r]
     labels = [f"{r['chip']}\nx{r['chips']}" for r in ok]
     metrics = [("time_to_train_days", "days to train"), ("cost_usd", "cost (USD)"), ("energy_mwh", "energy (MWh)")]
@@ -92,10 +90,7 @@ def compare_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def cases_table(result: dict[str, Any]) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 from collections import deque
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from crosstrain.files import atomic_write
 
 
 class TrainingHalted(Exception):
@@ -141,6 +142,4 @@ class GoodputLedger:
         if not self.write_enabled:
             return
         data = {"attempts": self.attempts, "total": self.total().report(), "this_attempt": self.current.report()}
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(self.path)
+        atomic_write(self.path, json.dumps(data, indent=2) + "\n")

@@ -35,7 +35,8 @@ from crosstrain.resolve import Resolved, resolve_model
 from crosstrain.train import optimizer
 from crosstrain.train.checkpoint import Checkpointer, abstract_like
 from crosstrain.train.faults import GoodputLedger, Preemption, SpikeDetector, TrainingHalted
-from crosstrain.train.metrics import MetricsWriter, plot_losses, read_metrics, write_json
+from crosstrain.files import write_json
+from crosstrain.train.metrics import MetricsWriter, plot_losses, read_metrics
 from crosstrain.train.tensorboard import TensorBoardWriter
 from crosstrain.train.step import TrainState, init_state, make_train_step
 

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
+from crosstrain.files import atomic_write, json_safe, pyplot, save_figure
 
 
 class MetricsWriter:
@@ -30,13 +24,11 @@ class MetricsWriter:
 
     def _rewrite(self, keep_through: int) -> None:
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_through]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         self._last_offset = self._file.tell()
-        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._file.write(json.dumps({k: json_safe(v) for k, v in record.items()}) + "\n")
         self._file.flush()
 
     def amend_last(self, record: dict[str, Any]) -> None:
@@ -73,18 +65,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({k: _clean(v) for k, v in data.items()}, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def plot_losses(records: Iterable[dict[str, Any]], path: Path, *, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     records = list(records)
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and "eval_loss" not in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
@@ -99,7 +81,4 @@ def plot_losses(records: Iterable[dict[str, Any]], path: Path, *, title: str = "
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
