@@ -88,7 +88,10 @@ def _make_run_dir(name: str) -> Path:
 def cmd_train(args) -> int:
     from crosstrain import log as logsetup
 
+    from crosstrain.config import check_paths
+
     cfg = _load_config(args)  # validate before joining other processes or touching devices
+    check_paths(cfg)  # the data, tokenizer, init and teacher it reads
     _init_processes(args)
     _compilation_cache()
     import jax
@@ -303,8 +306,10 @@ def cmd_plan(args) -> int:
 def cmd_bench(args) -> int:
     from crosstrain import log as logsetup
     from crosstrain.bench import bench, describe
+    from crosstrain.config import check_paths
 
     cfg = _load_config(args)
+    check_paths(cfg, ("data",))  # the data and tokenizer it reads
     if args.steps < 1:
         raise UserError(f"--steps: must be >= 1, got {args.steps}")
     logsetup.setup()
@@ -335,9 +340,11 @@ def cmd_compare(args) -> int:
 
 def cmd_tokenize(args) -> int:
     from crosstrain import log as logsetup
+    from crosstrain.config import check_paths
     from crosstrain.data.pipeline import build_pipeline
 
     cfg = _load_config(args)
+    check_paths(cfg, ("data",))
     logsetup.setup()
     pipeline = build_pipeline(cfg, write_files=False)
     print(json.dumps(pipeline.report(), indent=2))

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from crosstrain.config import Config, ModelConfig, config_from_dict
+from crosstrain.config import Config, ModelConfig, dtype_of
 from crosstrain.errors import UserError
 
 SUPPORTED = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
@@ -202,21 +202,17 @@ def apply_hf_model(cfg: Config, directory: Path) -> Config:
     for key, value in model.items():
         if f"model.{key}" in cfg.explicit and getattr(cfg.model, key) != value:
             raise UserError(f"model.{key}: {getattr(cfg.model, key)} conflicts with the Hugging Face model's {value}")
-    raw = cfg.to_dict()
-    raw["model"].update(model)
+    data = {}
     if not cfg.data.tokenizer:
         if not (directory / "tokenizer.json").is_file():
             raise UserError(f"init.from_hf: {directory} has no tokenizer.json (set data.tokenizer)")
-        raw["data"]["tokenizer"] = str(directory / "tokenizer.json")
-    new = config_from_dict(raw)
-    import dataclasses
-
-    return dataclasses.replace(new, explicit=cfg.explicit)
+        data["tokenizer"] = str(directory / "tokenizer.json")
+    return cfg.override(model=model, data=data)
 
 
 def load_hf_params(directory: Path, m: ModelConfig):
-    from crosstrain.config import dtype_of
-
+    """The parameters of a Hugging Face directory for model `m` (whose shape must be the
+    directory's), in m's param_dtype."""
     hf, tensors = read_hf_dir(directory)
     expected = model_from_hf(hf, m)
     for key, value in expected.items():
@@ -317,9 +313,7 @@ def import_hf(directory: Path, run_dir: Path, cfg: Config) -> dict[str, Any]:
     params = load_hf_params(directory, cfg.model)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(directory / "tokenizer.json", run_dir / "tokenizer.json")
-    raw = cfg.to_dict()
-    raw["data"]["tokenizer"] = str((run_dir / "tokenizer.json").absolute())
-    cfg = config_from_dict(raw)
+    cfg = cfg.override(data={"tokenizer": str((run_dir / "tokenizer.json").absolute())})
     setup = make_setup(cfg, jax.devices())
     state = jax.jit(lambda p: init_state(p, cfg.train.seed), out_shardings=setup.state_shardings)(params)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crosstrain.config import config_from_dict, save_config
+from crosstrain.config import DistillConfig, InitConfig, check_paths, save_config
 from crosstrain.errors import UserError
 from crosstrain.files import write_json
 
@@ -106,11 +106,9 @@ def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, ov
         raise UserError(f"--ffn: must be between 1 and the source's model.ffn - 1 ({F - 1}), got {ffn}")
     if steps < 1:
         raise UserError(f"--steps: must be >= 1, got {steps}")
-    raw = cfg.to_dict()
-    raw["data"]["tokenizer"] = str((source / "tokenizer.json").absolute())
-    if data:
-        raw["data"].update({"path": data, "sources": [], "mixture": []})
-    stream_cfg = config_from_dict(raw)
+    stream_cfg = cfg.override(data={"tokenizer": str((source / "tokenizer.json").absolute()),
+                                    **({"path": data, "sources": [], "mixture": []} if data else {})})
+    check_paths(stream_cfg, ("data",))  # the masks learn on the source's data (or --data)
     pipeline = build_pipeline(stream_cfg, write_files=False)
     batches = pipeline.batches()
     m = cfg.model
@@ -147,14 +145,10 @@ def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, ov
     full_loss = float(loss_fn(params, eval_tokens, m))
     hard_loss = float(loss_fn(masked(params, jnp.asarray(hard)), eval_tokens, m))
 
-    new_raw = cfg.to_dict()
-    new_raw["model"]["ffn"] = ffn
-    new_raw["data"]["tokenizer"] = str((out / "tokenizer.json").absolute())
-    new_raw["init"] = {}
-    new_raw["distill"] = {}
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
-    new_cfg = config_from_dict(new_raw, list(overrides))
+    new_cfg = cfg.override(*overrides, model={"ffn": ffn}, data={"tokenizer": str((out / "tokenizer.json").absolute())},
+                           init=InitConfig(), distill=DistillConfig())
     setup = make_setup(new_cfg, jax.devices()[:1] if new_cfg.mesh.data == -1 else jax.devices())
     state = jax.jit(lambda p: init_state(p, new_cfg.train.seed), out_shardings=setup.state_shardings)(small)
     ckpt = Checkpointer(out / "checkpoints", new_cfg.checkpoint)

@@ -27,7 +27,6 @@ stage, and the step, where it stopped. DIR/recipe.json records every stage.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -115,7 +114,7 @@ def _stage_config(stage: dict[str, Any], src: Optional[dict[str, Any]], extra: t
         steps = max(1, math.ceil(tokens / (cfg.train.batch * cfg.model.seq_len)))
     else:
         return cfg
-    return config_from_dict(raw, overrides + [f"train.steps={steps}"])
+    return cfg.override(train={"steps": steps})
 
 
 def _train_config(stage: dict[str, Any], directory: Path) -> Config:
@@ -205,10 +204,9 @@ def stage_configs(name_or_path: str):
     for stage in recipe["stages"]:
         kind = stage.get("kind", "train")
         if kind == "prune":
-            src = built[stage["from"]]
-            train_cfg = dataclasses.replace(src.train, steps=int(stage.get("steps", 100)))
-            built[stage["name"]] = src.replace(model=dataclasses.replace(src.model, ffn=int(stage["ffn"])), train=train_cfg)
-            out.append((stage, kind, src.replace(train=train_cfg), None))
+            src = built[stage["from"]].override(train={"steps": int(stage.get("steps", 100))})
+            built[stage["name"]] = src.override(model={"ffn": int(stage["ffn"])})
+            out.append((stage, kind, src, None))
             continue
         src = built[stage["from"]].to_dict() if stage.get("from") else None
         cfg = _stage_config(stage, src, planning=True)

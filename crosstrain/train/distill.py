@@ -75,16 +75,14 @@ class Teacher:
 def load_teacher(student: Config, setup, devices) -> Teacher:
     """The teacher run's latest parameters, on the student's mesh and sharding rules (`train`
     has already checked that the vocabularies match)."""
-    from crosstrain.config import config_from_dict, load_run_config
+    from crosstrain.config import DataConfig, InitConfig, load_run_config
     from crosstrain.train.loop import latest_state_of, make_setup
 
     directory = Path(student.distill.teacher)
     tcfg = load_run_config(directory)
-    raw = tcfg.to_dict()
-    raw.update({"mesh": {**student.to_dict()["mesh"], "rule": "none"}, "train": student.to_dict()["train"],
-                "data": {}, "init": {}, "distill": {}})
     try:
-        tsetup = make_setup(config_from_dict(raw), devices)
+        tsetup = make_setup(tcfg.override(mesh={**student.to_dict()["mesh"], "rule": "none"}, train=student.train,
+                                          data=DataConfig(), init=InitConfig(), distill=DistillConfig()), devices)
     except UserError as e:
         raise UserError(f"distill.teacher: {e}") from None
     step, state = latest_state_of(directory, tcfg, tsetup, "distill.teacher")

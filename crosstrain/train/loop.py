@@ -7,7 +7,6 @@ the device except where it must (logging reads one step behind; checkpoints copy
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from crosstrain import hardware
-from crosstrain.config import Config, config_from_dict, read_preset, resume_differences, save_config
+from crosstrain.config import Config, check_paths, load_run_config, resume_differences, save_config
 from crosstrain.data.pipeline import build_pipeline, resolve_sources
 from crosstrain.errors import UserError
 from crosstrain.flops import CROSSTRAIN_CONVENTION, flops_per_token
@@ -107,7 +106,6 @@ def latest_state_of(source: Path, source_cfg: Config, setup: Setup, field: str) 
 
 def state_from_run(setup: Setup, source: Path) -> TrainState:
     """Fresh optimizer state around the latest parameters of another run (the next AFM stage)."""
-    from crosstrain.config import load_run_config
     from crosstrain.model import param_shapes
 
     if not source.is_dir():
@@ -211,11 +209,9 @@ def per_device_state_bytes(state: TrainState) -> int:
 
 
 def _check_resume_config(cfg: Config, run_dir: Path) -> None:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
+    if not (run_dir / "config.yaml").is_file():
         return
-    old = config_from_dict(read_preset(str(path)))
-    diffs = resume_differences(old, cfg)
+    diffs = resume_differences(load_run_config(run_dir), cfg)
     if diffs:
         raise UserError(
             f"--run-dir: {run_dir} holds a run with a different config ({', '.join(diffs)}); "
@@ -237,6 +233,7 @@ def train(cfg: Config, run_dir: Path, *, started: Optional[float] = None, device
     `started` is the perf_counter() reading when the process began, for the goodput ledger;
     `devices` the devices to train on (default: all)."""
     started = time.perf_counter() if started is None else started
+    check_paths(cfg)  # the data, tokenizer, init and teacher it will read
     run_dir.mkdir(parents=True, exist_ok=True)
     devices = list(jax.devices() if devices is None else devices)
     if cfg.init.from_hf:
@@ -244,17 +241,13 @@ def train(cfg: Config, run_dir: Path, *, started: Optional[float] = None, device
 
         cfg = apply_hf_model(cfg, Path(cfg.init.from_hf))
     if cfg.distill.teacher:
-        from crosstrain.config import load_run_config
-
         teacher_vocab = load_run_config(Path(cfg.distill.teacher)).model.vocab
         if teacher_vocab != cfg.model.vocab:
             raise UserError(f"distill.teacher: the teacher's vocabulary ({teacher_vocab}) differs from the student's "
                             f"({cfg.model.vocab}); distillation needs the same tokenizer")
     if cfg.distill.teacher and not cfg.data.tokenizer and (Path(cfg.distill.teacher) / "tokenizer.json").is_file():
         # The student reads the teacher's tokens: same tokenizer, same vocabulary.
-        raw = cfg.to_dict()
-        raw["data"]["tokenizer"] = str((Path(cfg.distill.teacher) / "tokenizer.json").absolute())
-        cfg = dataclasses.replace(config_from_dict(raw), explicit=cfg.explicit)
+        cfg = cfg.override(data={"tokenizer": str((Path(cfg.distill.teacher) / "tokenizer.json").absolute())})
     cfg, rule = apply_mesh_rule(cfg, devices)
     _check_resume_config(cfg, run_dir)
     resolve_sources(cfg)  # paths and formats, before anything is logged or compiled
