@@ -148,29 +148,49 @@ def _run_dir(path: str) -> Path:
 
 
 def cmd_export(args) -> int:
+    import jax
+
     from crosstrain import log as logsetup
-    from crosstrain.hf import export_run
+    from crosstrain.data.tokenizer import eot_id, load_tokenizer
+    from crosstrain.hf import architecture, write_hf_dir
+    from crosstrain.runtime import load_run
 
     logsetup.setup()
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UserError(f"--out: {out} is not empty (use --force to overwrite)")
-    result = export_run(_run_dir(args.run_dir), out, dtype=args.dtype)
+    run_dir = _run_dir(args.run_dir)
+    cfg, params, step = load_run(run_dir)
+    tokenizer = run_dir / "tokenizer.json"
+    write_hf_dir(jax.device_get(params), cfg.model, tokenizer, out, eot=eot_id(load_tokenizer(tokenizer)), dtype=args.dtype)
+    result = {"out": str(out), "step": step, "architecture": architecture(cfg.model), "dtype": args.dtype or cfg.model.param_dtype}
     print(json.dumps(result) if args.json else f"exported step {result['step']} as {result['architecture']} ({result['dtype']}) to {out}")
     return 0
 
 
 def cmd_import(args) -> int:
+    """A new run directory whose step-0 checkpoint holds the Hugging Face model's weights."""
+    import shutil
+
     from crosstrain import log as logsetup
     from crosstrain.config import config_from_dict, load_config
-    from crosstrain.hf import import_hf
+    from crosstrain.flops import param_count
+    from crosstrain.hf import apply_hf_model, load_hf_params
+    from crosstrain.runtime import refuse_existing_checkpoints, write_new_run
 
     logsetup.setup()
     cfg = load_config(args.preset, args.overrides) if args.preset else config_from_dict({}, args.overrides)
-    hf_dir = Path(args.hf)
+    hf_dir, run_dir = Path(args.hf), Path(args.run_dir)
     if not hf_dir.is_dir():
         raise UserError(f"--hf: {hf_dir} is not a directory")
-    result = import_hf(hf_dir, Path(args.run_dir), cfg)
+    refuse_existing_checkpoints(run_dir, "import")
+    cfg = apply_hf_model(cfg, hf_dir)
+    params = load_hf_params(hf_dir, cfg.model)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(hf_dir / "tokenizer.json", run_dir / "tokenizer.json")
+    cfg = cfg.override(data={"tokenizer": str((run_dir / "tokenizer.json").absolute())})
+    write_new_run(run_dir, cfg, params, {"imported_from": str(hf_dir)})
+    result = {"run_dir": str(run_dir), "model": cfg.to_dict()["model"], "parameters": param_count(cfg.model)}
     print(json.dumps(result) if args.json else
           f"imported {result['parameters'] / 1e6:.2f}M parameters into {args.run_dir}; continue with: "
           f"crosstrain train --preset {Path(args.run_dir) / 'config.yaml'} --run-dir {args.run_dir}")

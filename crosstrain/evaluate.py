@@ -91,7 +91,7 @@ def evaluate_tokens(params, cfg, tokens: np.ndarray, byte_lengths: np.ndarray, *
 def evaluate_run(run_dir: Path, *, text_file: Optional[Path] = None, data: Optional[str] = None,
                  max_tokens: int = 1_000_000) -> EvalResult:
     from crosstrain.data.tokenizer import load_tokenizer
-    from crosstrain.generate import load_run
+    from crosstrain.runtime import load_run
 
     cfg, params, _ = load_run(run_dir)
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crosstrain.config import DistillConfig, InitConfig, check_paths, save_config
+from crosstrain.config import DistillConfig, InitConfig, check_paths
 from crosstrain.errors import UserError
 from crosstrain.files import write_json
 
@@ -91,15 +91,11 @@ def initial_scores(params: dict[str, Any]) -> jax.Array:
 def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, overrides: tuple[str, ...] = (),
           data: Optional[str] = None) -> dict[str, Any]:
     from crosstrain.data.pipeline import build_pipeline
-    from crosstrain.generate import load_run
     from crosstrain.model import loss_fn
     from crosstrain.model.params import params_sha256
-    from crosstrain.train.checkpoint import Checkpointer
-    from crosstrain.train.loop import make_setup
-    from crosstrain.train.step import init_state
+    from crosstrain.runtime import load_run, refuse_existing_checkpoints, write_new_run
 
-    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-        raise UserError(f"--run-dir: {out} already holds checkpoints; prune into a new directory")
+    refuse_existing_checkpoints(out, "prune")
     cfg, params, step = load_run(source)
     F = cfg.model.ffn
     if not 0 < ffn < F:
@@ -149,13 +145,8 @@ def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, ov
     shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
     new_cfg = cfg.override(*overrides, model={"ffn": ffn}, data={"tokenizer": str((out / "tokenizer.json").absolute())},
                            init=InitConfig(), distill=DistillConfig())
-    setup = make_setup(new_cfg, jax.devices()[:1] if new_cfg.mesh.data == -1 else jax.devices())
-    state = jax.jit(lambda p: init_state(p, new_cfg.train.seed), out_shardings=setup.state_shardings)(small)
-    ckpt = Checkpointer(out / "checkpoints", new_cfg.checkpoint)
-    ckpt.save(0, state, {"step": 0, "data": {"iterator": {"next_index": 0}}, "config": new_cfg.fingerprint(),
-                         "pruned_from": str(source), "source_step": step}, wait=True)
-    ckpt.close()
-    save_config(new_cfg, out / "config.yaml")
+    write_new_run(out, new_cfg, small, {"pruned_from": str(source), "source_step": step},
+                  devices=jax.devices()[:1] if new_cfg.mesh.data == -1 else jax.devices())
     before = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     after = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(small))
     result = {

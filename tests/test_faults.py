@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +16,8 @@ import pytest
 from crosstrain.config import CheckpointConfig, load_config
 from crosstrain.model import init_params, params_sha256
 from crosstrain.parallel.rules import activate
+from crosstrain.runtime import abstract_train_state, init_train_state, make_setup
 from crosstrain.train.checkpoint import Checkpointer, verify
-from crosstrain.train.loop import abstract_train_state, init_train_state, make_setup
 from crosstrain.train.step import init_state, make_train_step
 
 TINY = ["train", "--preset", "tiny", "--set", "train.steps=40", "train.checkpoint_every=4", "train.batch=32"]

@@ -13,7 +13,7 @@ from crosstrain.planner.cases import evaluate_cases, read_cases, shipped_cases_p
 from crosstrain.planner.model import FAMILIES, Layout, estimate, total_params
 from crosstrain.planner.plan import Options, plan
 from crosstrain.planner.search import candidate_layouts, search
-from crosstrain.train.loop import init_train_state, make_setup, total_state_bytes
+from crosstrain.runtime import init_train_state, make_setup, total_state_bytes
 
 
 def test_flops_for_llama2_7b_by_hand():

@@ -9,15 +9,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from crosstrain.cli import main
 from crosstrain.config import load_config
-from crosstrain.errors import ConfigError
 from crosstrain.parallel.mesh import apply_mesh_rule, select_rule
-from crosstrain.train.loop import (
+from crosstrain.parallel.rules import activate
+from crosstrain.runtime import (
     global_batch_array,
     init_train_state,
     make_setup,
@@ -25,7 +24,6 @@ from crosstrain.train.loop import (
     process_rows,
     total_state_bytes,
 )
-from crosstrain.parallel.rules import activate
 from crosstrain.train.step import make_train_step
 
 # Adam divides by |g| + eps: with eps = 1e-8, float-reordering noise in a gradient that is itself

@@ -18,7 +18,7 @@ from crosstrain.model.attention import reference_attention, splash_attention
 from crosstrain.parallel.mesh import apply_mesh_rule
 from crosstrain.parallel.rules import activate
 from crosstrain.resolve import resolve_model
-from crosstrain.train.loop import make_setup
+from crosstrain.runtime import make_setup
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu extra) is not installed")
 

@@ -93,7 +93,7 @@ def _refusal(message: str) -> dict[str, Any]:
 def _compile(cfg: Config, devices) -> tuple[Any, Any]:
     """(compiled step, setup) for `cfg` on `devices`; raises JaxRuntimeError on refusal."""
     from crosstrain.parallel.rules import activate
-    from crosstrain.train.loop import abstract_train_state, compile_train_step, make_setup
+    from crosstrain.runtime import abstract_train_state, compile_train_step, make_setup
 
     setup = make_setup(cfg, devices)
     with activate(setup.mesh):
