@@ -188,6 +188,17 @@ def run_recipe(name_or_path: str, directory: Path) -> dict[str, Any]:
     return _write(directory, recipe, records, baseline)
 
 
+def describe(result: dict[str, Any]) -> str:
+    """A finished recipe, one line per stage (and the baseline): steps, size, held-out loss."""
+    lines = [f"{st['name']:>12} {st['kind']:>6} {st['steps']:>7} steps  seq {st['seq_len']:>6}  "
+             f"{st['params'] / 1e6:8.2f}M params  held-out {st['eval_loss']:.4f}" for st in result["stages"]]
+    if result["baseline"]:
+        b = result["baseline"]
+        lines.append(f"{'baseline':>12} {'train':>6} {b['steps']:>7} steps  {'':>10}  {b['params'] / 1e6:8.2f}M params  "
+                     f"held-out {b['eval_loss']:.4f}")
+    return "\n".join(lines)
+
+
 def _write(directory: Path, recipe: dict[str, Any], stages: list[dict[str, Any]], baseline) -> dict[str, Any]:
     out = {"recipe": recipe["name"], "description": recipe.get("description", ""), "stages": stages, "baseline": baseline}
     write_json(directory / "recipe.json", out)

@@ -93,6 +93,22 @@ def compare_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def recipe_table(r: dict[str, Any]) -> str:
+    """`plan --recipe` for one chip and count: each stage's time and cost, then the total."""
+    lines = [f"{r['recipe']} on {r['chips']} x {r['chip']}:"]
+    for st in r["stages"]:
+        head = f"  {st['name']:>10} {st['kind']:>5} {st['steps']:>9,} steps  seq {st['seq_len']:>6}  "
+        if st.get("error"):
+            lines.append(head + f"does not fit: {st['error'].split(': ', 1)[-1]}")
+            continue
+        lines.append(head + f"{st['step_time_s']:8.3f} s/step  {st['days']:7.2f} days  ${st['cost_usd'] / 1e3:,.1f}k"
+                     + ("" if st["fits"] else "  DOES NOT FIT"))
+    t = r["total"]
+    lines.append(f"  {'total':>10} {'':>5} {'':>15} {'':>11} {'':>13} {t['days']:7.2f} days  ${t['cost_usd'] / 1e3:,.1f}k  "
+                 f"{t['energy_mwh']:,.0f} MWh" + ("" if r["all_fit"] else "  (stages that do not fit left out)"))
+    return "\n".join(lines)
+
+
 def cases_table(result: dict[str, Any]) -> str:
     head = (f"{'case':>36} {'group':>20} {'metric':>22} {'predicted':>10} {'actual':>10} {'error':>7} "
             f"{'LOGO':>7}  layout")
