@@ -71,13 +71,33 @@ def test_plan_json_fields_and_pinned_layout_that_does_not_fit(capsys):
                 "cost_usd", "energy_mwh", "parallelism", "time_breakdown", "memory_breakdown_gib"):
         assert key in r
     assert r["fits"] and 0 < r["mfu"] < 1
-    assert r["chip_hours"] == pytest.approx(256 * r["time_to_train_days"] * 24)
-    assert r["cost_usd"] == pytest.approx(r["chip_hours"] * CATALOG["tpu-v5p"].price_per_hour)
     assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(4096 * 4096)
     assert main(["plan", "--preset", "afm-server-core", "--chip", "tpu-v5e", "--chips", "16", "--remat", "none",
                  "--parallelism", "tp=1,pp=1,dp=16,fsdp=1,cp=1", "--json", "--price", "2"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["fits"] is False and r["price_per_chip_hour"] == 2
+
+
+def test_time_cost_and_energy_follow_the_budget_price_and_pue(capsys):
+    """The budget, --price and --pue change what they should and nothing else; the whole budget
+    is trained at the planned throughput; the default budget is the preset's own."""
+    def planned(*extra):
+        assert main(["plan", "--preset", "afm-on-device-3b", "--chip", "tpu-v5p", "--chips", "256", "--json",
+                     *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    full = planned("--tokens", "6.3T")
+    half = planned("--tokens", "3.15T", "--price", "1.5", "--pue", "1.4")
+    assert half["parallelism"] == full["parallelism"] and half["step_time_s"] == full["step_time_s"]
+    assert full["tokens_per_s"] * full["time_to_train_days"] * 86400 == pytest.approx(6.3e12)
+    assert half["time_to_train_days"] == pytest.approx(full["time_to_train_days"] / 2)
+    assert full["price_per_chip_hour"] == CATALOG["tpu-v5p"].price_per_hour != 1.5
+    assert half["cost_usd"] == pytest.approx(full["cost_usd"] / 2 * 1.5 / full["price_per_chip_hour"])
+    assert half["energy_mwh"] == pytest.approx(full["energy_mwh"] / 2 * 1.4)
+    # AFM-on-device's core stage: 375,500 steps of 4096 x 4096 tokens are its 6.3T.
+    default = planned()
+    assert default["steps"] == 375_500
+    assert default["time_to_train_days"] == pytest.approx(full["time_to_train_days"], rel=1e-3)
 
 
 def test_cost_objective_never_costs_more():

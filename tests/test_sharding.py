@@ -17,6 +17,7 @@ from crosstrain.config import load_config
 from crosstrain.parallel.mesh import apply_mesh_rule, select_rule
 from crosstrain.parallel.rules import activate
 from crosstrain.runtime import (
+    batch_rows,
     global_batch_array,
     init_train_state,
     make_setup,
@@ -107,10 +108,33 @@ def test_per_device_bytes_shrink_with_fsdp():
         assert total / k <= sizes[k] < 1.05 * total / k, (k, sizes[k], total)
 
 
-def test_every_process_row_is_covered():
-    cfg = load_config("tiny", [*BASE, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+@pytest.mark.parametrize("mesh", [(2, 2, 2), (8, 1, 1), (1, 4, 2), (4, 1, 2)])
+def test_every_process_row_is_covered(mesh):
+    """Each process feeds the rows its own devices hold, and the processes together feed the
+    whole global batch, the same batch one process would: for 1, 2, 4 and 8 processes (devices
+    grouped by id, as jax.distributed numbers each process's devices)."""
+    data, fsdp, tensor = mesh
+    cfg = load_config("tiny", [*BASE, f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}",
+                               "train.batch=16"])
     setup = make_setup(cfg, jax.devices())
-    assert process_rows(setup) == (0, cfg.train.batch)  # one process holds every device
+    shape = (cfg.train.batch, cfg.model.seq_len + 1)
+    assert process_rows(setup) == (0, cfg.train.batch)  # this test runs as one process
+    index = setup.batch_sharding.devices_indices_map(shape)
+    devices = sorted(setup.mesh.devices.flat, key=lambda d: d.id)
+    batch = np.arange(shape[0] * shape[1], dtype=np.int32).reshape(shape)
+    for n in (1, 2, 4, 8):
+        groups = [devices[i * len(devices) // n:(i + 1) * len(devices) // n] for i in range(n)]
+        rows = [batch_rows(setup.batch_sharding, shape, g) for g in groups]
+        for group, (lo, hi) in zip(groups, rows):
+            held = {r for d in group for r in range(*index[d][0].indices(shape[0]))}
+            assert held == set(range(lo, hi)), (n, group)  # exactly its devices' rows, contiguous
+        # Processes either split the batch or, across the tensor axis, hold the same rows.
+        spans = sorted(set(rows))
+        assert spans[0][0] == 0 and spans[-1][1] == shape[0]
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), spans
+        assert len({hi - lo for lo, hi in spans}) == 1  # every process reads as many rows
+        # What each process would pass in, stitched together, is the global batch.
+        assert np.array_equal(np.concatenate([batch[lo:hi] for lo, hi in spans]), batch)
 
 
 @pytest.mark.parametrize(
