@@ -195,6 +195,7 @@ def _has_libtpu():
     return importlib.util.find_spec("libtpu") is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_libtpu(), reason="libtpu (the tpu extra) is not installed")
 @pytest.mark.parametrize("remat", ["full", "selective", "none"])
 def test_aot_tpu_memory_agrees_with_the_planner(remat, capsys):
@@ -212,6 +213,7 @@ def test_aot_tpu_memory_agrees_with_the_planner(remat, capsys):
     assert aot["parameter_and_optimizer_gib"] * 2**30 == pytest.approx(total_params(nano) * 12 / 4, rel=0.10)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_libtpu(), reason="libtpu (the tpu extra) is not installed")
 def test_aot_reports_a_program_that_cannot_fit_instead_of_failing(capsys):
     # 64 sequences of 8192 tokens per chip without recomputation: crosstrain's reference attention

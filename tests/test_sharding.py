@@ -70,6 +70,7 @@ def test_sharded_steps_match_single_device(mesh, single):
         assert rel < 1e-5, (jax.tree_util.keystr(path_a), rel)
 
 
+@pytest.mark.slow
 def test_sharded_gradients_match_single_device():
     from crosstrain.model import loss_fn
 
@@ -94,6 +95,7 @@ def test_gradient_accumulation_under_sharding(single):
     np.testing.assert_allclose(losses, single[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_per_device_bytes_shrink_with_fsdp():
     sizes = {}
     for k in (1, 2, 4, 8):
@@ -206,6 +208,7 @@ def _losses(run):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     args = ["train", "--preset", "tiny", "--set", "model.compute_dtype=float32", "train.steps=6"]
     one = subprocess.run([sys.executable, "-m", "crosstrain", *args, "--run-dir", str(tmp_path / "one")],
@@ -235,6 +238,7 @@ def _find_child(process_id: int, run_dir: Path) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_launch_ends_every_process_when_one_dies(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(
