@@ -26,6 +26,9 @@ microbatches a 1F1B pipeline keeps in flight; the fp32 logits and their gradient
 layer of FSDP; a per-family runtime reserve.
 
 The constants are per chip family, never per case, and each is documented in FAMILIES.
+
+Over 400 lines on purpose: one model, whose memory and time terms share the layout arithmetic
+and the family constants; the constants' sources are written beside them.
 """
 
 from __future__ import annotations
