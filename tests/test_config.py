@@ -96,6 +96,17 @@ def test_paths_are_checked_only_by_those_that_read_them(override, field):
     check_paths(cfg, tuple(s for s in ("data", "init", "distill") if s != section))
 
 
+def test_commands_check_the_files_they_read_and_only_those(tmp_path, capsys):
+    missing = str(tmp_path / "moved-away")
+    # plan reads no data: a preset whose data path is gone still plans.
+    assert main(["plan", "--preset", "tiny", "--data", missing, "--chip", "tpu-v5p", "--chips", "8", "--json"]) == 0
+    capsys.readouterr()
+    # tokenize reads it: one line naming the field, exit 2.
+    assert main(["tokenize", "--preset", "tiny", "--data", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.path: {missing} does not exist" in err
+
+
 def test_override_is_validated_and_keeps_what_the_user_named():
     cfg = load_config("tiny", ["mesh.fsdp=2"])
     new = cfg.override("optim.lr=0.5", model={"remat": "full", "layers": "3"}, train={"steps": 7})
