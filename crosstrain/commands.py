@@ -56,7 +56,6 @@ def _make_run_dir(name: str) -> Path:
 
 def cmd_train(args) -> int:
     from crosstrain import log as logsetup
-
     from crosstrain.config import check_paths
 
     cfg = _load_config(args)  # validate before joining other processes or touching devices
