@@ -1,12 +1,14 @@
 # Two commands on a fresh machine:
 #   make demo   create .venv, install crosstrain, train the demo model on the built-in corpus, sample from it
 #   make test   create .venv, install crosstrain with its dev and tpu extras, run the whole test suite
+# and, for the inner loop of development:
+#   make test-fast   the same without the tests marked slow (multi-process, whole runs, AOT, parity)
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test test-fast install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +27,9 @@ demo: install
 
 test: install-dev
 	$(PY) -m pytest -q
+
+test-fast: install-dev
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,3 +1,3 @@
-from crosstrain.platform import run_cli
+from crosstrain.entry import run_cli
 
 run_cli(as_module=True)

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 
 from crosstrain import hardware
 from crosstrain.config import Config
-from crosstrain.platform import huge_pages_active
 from crosstrain.data.pipeline import build_pipeline
 from crosstrain.flops import CROSSTRAIN_CONVENTION, flops_per_token
 from crosstrain.parallel.mesh import apply_mesh_rule
 from crosstrain.parallel.rules import activate
-from crosstrain.train.loop import compile_train_step, global_batch_array, init_train_state, make_setup, process_rows, total_peak_flops
+from crosstrain.platform import huge_pages_active
+from crosstrain.runtime import compile_train_step, global_batch_array, init_train_state, make_setup, process_rows, total_peak_flops
 
 
 def predicted_step_time(cfg: Config, setup, devices) -> tuple[float | None, str]:
@@ -123,8 +123,8 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4, pro
         "devices": len(devices),
         "device_kind": devices[0].device_kind,
         "cpu_model": hardware.cpu_model(),
-        # glibc's transparent huge pages for this process (crosstrain/platform.py); on a CPU the
-        # step is 30-40% slower without them.
+        # glibc's transparent huge pages for this process (crosstrain/platform.py); what they are
+        # worth to a CPU step: docs/performance.md.
         "huge_pages": huge_pages_active(),
         "timed_steps": len(windows) * window,
         "profile": str(profile) if profile is not None else None,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from crosstrain.errors import UserError
+from crosstrain.files import pyplot, save_figure
 from crosstrain.train.metrics import read_metrics
 
 
@@ -64,11 +65,7 @@ def finals(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_loss, ax_tps) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
@@ -93,10 +90,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -91,7 +91,7 @@ def evaluate_tokens(params, cfg, tokens: np.ndarray, byte_lengths: np.ndarray, *
 def evaluate_run(run_dir: Path, *, text_file: Optional[Path] = None, data: Optional[str] = None,
                  max_tokens: int = 1_000_000) -> EvalResult:
     from crosstrain.data.tokenizer import load_tokenizer
-    from crosstrain.generate import load_run
+    from crosstrain.runtime import load_run
 
     cfg, params, _ = load_run(run_dir)
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
@@ -102,14 +102,13 @@ def evaluate_run(run_dir: Path, *, text_file: Optional[Path] = None, data: Optio
         text = text_file.read_bytes().decode("utf-8", errors="replace")
         tokens = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
     else:
-        from crosstrain.config import config_from_dict
+        from crosstrain.config import check_paths
         from crosstrain.data.pipeline import build_pipeline
 
-        raw = cfg.to_dict()
-        raw["data"]["tokenizer"] = str(run_dir / "tokenizer.json")
-        if data:
-            raw["data"].update({"path": data, "sources": [], "mixture": []})
-        pipeline = build_pipeline(config_from_dict(raw), write_files=False)
+        data_cfg = cfg.override(data={"tokenizer": str(run_dir / "tokenizer.json"),
+                                      **({"path": data, "sources": [], "mixture": []} if data else {})})
+        check_paths(data_cfg, ("data",))  # the data it reads (the run's own, or --data)
+        pipeline = build_pipeline(data_cfg, write_files=False)
         held = [s.heldout for s in pipeline.stores if s.heldout_documents]
         tokens = np.concatenate(held) if held else np.concatenate([s.train for s in pipeline.stores])
     return evaluate_tokens(params, cfg, np.asarray(tokens[:max_tokens], np.int32), lengths)

@@ -24,11 +24,28 @@ AttnConvention = Literal["full", "causal"]
 CROSSTRAIN_CONVENTION: AttnConvention = "full"
 
 
-def matmul_params(cfg: ModelConfig, *, glu: bool = True) -> int:
+def param_count(cfg: ModelConfig, *, glu: bool = True, part: Literal["all", "layer", "matmul"] = "all") -> int:
+    """The decoder's parameters in closed form: the one count behind the model's summary, the
+    FLOPs formula and the planner (the tests hold it to the parameter table, model/params.py).
+
+    `part`: "all", every parameter (a tied embedding once, norm scales included); "layer", one
+    layer's weights and norm scales; "matmul", the weights of matrix multiplies: every layer's
+    projections and the output projection (hidden x vocab, once even when tied). `glu=False`
+    counts a two-matrix MLP (GPT-style), for published models of that shape."""
     d, hd = cfg.hidden, cfg.head_dim
-    attn = d * cfg.heads * hd * 2 + d * cfg.kv_heads * hd * 2
-    mlp = (3 if glu else 2) * d * cfg.ffn
-    return cfg.layers * (attn + mlp) + d * cfg.vocab
+    layer_matmul = d * cfg.heads * hd * 2 + d * cfg.kv_heads * hd * 2 + (3 if glu else 2) * d * cfg.ffn
+    layer_norms = 2 * d + (2 * hd if cfg.qk_norm else 0)
+    if part == "layer":
+        return layer_matmul + layer_norms
+    if part == "matmul":
+        return cfg.layers * layer_matmul + d * cfg.vocab
+    embed = cfg.vocab * d * (1 if cfg.tie_embeddings else 2)
+    return cfg.layers * (layer_matmul + layer_norms) + embed + d
+
+
+def matmul_params(cfg: ModelConfig, *, glu: bool = True) -> int:
+    """The matmul weights N of the 6N-per-token rule (`param_count(part="matmul")`)."""
+    return param_count(cfg, glu=glu, part="matmul")
 
 
 def attention_flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None, attention: AttnConvention = CROSSTRAIN_CONVENTION) -> float:

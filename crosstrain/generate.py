@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,12 +9,12 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from crosstrain.config import Config, MeshConfig, load_run_config
+from crosstrain.config import Config
 from crosstrain.data.tokenizer import eot_id, load_tokenizer
 from crosstrain.errors import UserError
 from crosstrain.model import decoder, init_cache, output_logits
+from crosstrain.runtime import load_run
 
 
 @dataclass(frozen=True)
@@ -43,29 +42,6 @@ class Generation:
     tokens_per_s: float
     prefill_s: float
     stopped_at_eot: bool
-
-
-def load_run(run_dir: Path, *, step: Optional[int] = None) -> tuple[Config, Any, int]:
-    """The run's config (every model `auto` resolved for one local device) and the parameters of
-    its latest (or given) committed checkpoint, on that device."""
-    from crosstrain.train.checkpoint import Checkpointer
-    from crosstrain.train.loop import abstract_train_state, make_setup
-
-    cfg = load_run_config(run_dir)
-    cfg = cfg.replace(mesh=MeshConfig(data=1, fsdp=1, tensor=1, rule="none"))
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, primary=False)
-    try:
-        setup = make_setup(cfg, jax.devices()[:1])
-        if step is None:
-            found = ckpt.restore_latest(abstract_train_state(setup))
-            if found is None:
-                raise UserError(f"--run-dir: {run_dir} has no committed checkpoint yet")
-            step, state, _ = found
-        else:
-            state, _ = ckpt.restore(step, abstract_train_state(setup))
-    finally:
-        ckpt.close()
-    return setup.cfg, state.params, step
 
 
 def filter_logits(logits: jax.Array, s: Sampling) -> jax.Array:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from crosstrain.errors import UserError
+from crosstrain.files import atomic_write
 from crosstrain.paths import cache_dir
 
 GIB = 1024**3
@@ -290,9 +291,7 @@ def cpu_matmul_ceiling(*, refresh: bool = False) -> dict[str, float]:
     result = measure_matmul_ceiling()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"identity": ident, **result}))
-        tmp.replace(path)
+        atomic_write(path, json.dumps({"identity": ident, **result}))
     except OSError:
         pass
     return result

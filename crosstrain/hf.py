@@ -6,7 +6,8 @@ Export writes `config.json` for that architecture, the weights as safetensors in
 (out_features, in_features) layout, `generation_config.json`, and the run's tokenizer so that
 `AutoTokenizer` and `AutoModelForCausalLM` load the directory offline. Import reads a Qwen3 or
 Llama directory (one safetensors file or an index of shards) back into crosstrain's parameters.
-Neither direction needs torch.
+Neither direction needs torch. This module converts and reads and writes files only; `crosstrain
+export` and `import` (cli.py) load and write the runs around it (runtime.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from crosstrain.config import Config, ModelConfig, config_from_dict
+from crosstrain.config import Config, ModelConfig, dtype_of
 from crosstrain.errors import UserError
 
 SUPPORTED = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
@@ -202,21 +203,17 @@ def apply_hf_model(cfg: Config, directory: Path) -> Config:
     for key, value in model.items():
         if f"model.{key}" in cfg.explicit and getattr(cfg.model, key) != value:
             raise UserError(f"model.{key}: {getattr(cfg.model, key)} conflicts with the Hugging Face model's {value}")
-    raw = cfg.to_dict()
-    raw["model"].update(model)
+    data = {}
     if not cfg.data.tokenizer:
         if not (directory / "tokenizer.json").is_file():
             raise UserError(f"init.from_hf: {directory} has no tokenizer.json (set data.tokenizer)")
-        raw["data"]["tokenizer"] = str(directory / "tokenizer.json")
-    new = config_from_dict(raw)
-    import dataclasses
-
-    return dataclasses.replace(new, explicit=cfg.explicit)
+        data["tokenizer"] = str(directory / "tokenizer.json")
+    return cfg.override(model=model, data=data)
 
 
 def load_hf_params(directory: Path, m: ModelConfig):
-    from crosstrain.config import dtype_of
-
+    """The parameters of a Hugging Face directory for model `m` (whose shape must be the
+    directory's), in m's param_dtype."""
     hf, tensors = read_hf_dir(directory)
     expected = model_from_hf(hf, m)
     for key, value in expected.items():
@@ -287,45 +284,3 @@ def write_hf_dir(params: dict[str, Any], m: ModelConfig, tokenizer_json: Optiona
         (out / "special_tokens_map.json").write_text(
             json.dumps({"bos_token": eot_token, "eos_token": eot_token, "pad_token": eot_token}, indent=2)
         )
-
-
-def export_run(run_dir: Path, out: Path, *, dtype: Optional[str] = None) -> dict[str, Any]:
-    import jax
-
-    from crosstrain.data.tokenizer import eot_id, load_tokenizer
-    from crosstrain.generate import load_run
-
-    cfg, params, step = load_run(run_dir)
-    tok_path = run_dir / "tokenizer.json"
-    tokenizer = load_tokenizer(tok_path)
-    write_hf_dir(jax.device_get(params), cfg.model, tok_path, out, eot=eot_id(tokenizer), dtype=dtype)
-    return {"out": str(out), "step": step, "architecture": architecture(cfg.model), "dtype": dtype or cfg.model.param_dtype}
-
-
-def import_hf(directory: Path, run_dir: Path, cfg: Config) -> dict[str, Any]:
-    """A new run directory whose step-0 checkpoint holds the Hugging Face model's weights."""
-    import jax
-
-    from crosstrain.config import save_config
-    from crosstrain.train.checkpoint import Checkpointer
-    from crosstrain.train.loop import make_setup
-    from crosstrain.train.step import init_state
-
-    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise UserError(f"--run-dir: {run_dir} already holds checkpoints; import into a new directory")
-    cfg = apply_hf_model(cfg, directory)
-    params = load_hf_params(directory, cfg.model)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(directory / "tokenizer.json", run_dir / "tokenizer.json")
-    raw = cfg.to_dict()
-    raw["data"]["tokenizer"] = str((run_dir / "tokenizer.json").absolute())
-    cfg = config_from_dict(raw)
-    setup = make_setup(cfg, jax.devices())
-    state = jax.jit(lambda p: init_state(p, cfg.train.seed), out_shardings=setup.state_shardings)(params)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    ckpt.save(0, state, {"step": 0, "data": {"iterator": {"next_index": 0}}, "config": cfg.fingerprint(),
-                         "imported_from": str(directory)}, wait=True)
-    ckpt.close()
-    save_config(cfg, run_dir / "config.yaml")
-    return {"run_dir": str(run_dir), "model": cfg.to_dict()["model"],
-            "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}

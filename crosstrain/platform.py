@@ -1,4 +1,6 @@
-"""Platform choice that must happen before JAX is imported (no JAX import here)."""
+"""Platform choices that must happen before JAX is imported (no JAX import here): the CPU when libtpu
+is installed without TPUs, and glibc's huge pages (the entry point, crosstrain/entry.py, restarts
+the program with them)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
@@ -35,8 +37,8 @@ def reexec_with_huge_pages(argv: Sequence[str]) -> None:
     not Linux/glibc, or CROSSTRAIN_HUGE_PAGES=0.
 
     XLA's CPU runtime allocates each step's large temporaries afresh; on 4 KiB pages every step
-    then pays page faults and TLB misses over hundreds of MB, and the GEMMs slow down: on the
-    2-core CI machine the `nano` step runs 30-40% faster with huge pages (docs/performance.md).
+    then pays page faults and TLB misses over hundreds of MB, and the GEMMs slow down (what
+    huge pages are worth to a step, measured: docs/performance.md).
     glibc reads its tunables only at start-up, hence the restart; it must run before anything
     heavy is imported."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
@@ -49,12 +51,3 @@ def reexec_with_huge_pages(argv: Sequence[str]) -> None:
         os.execve(sys.executable, [sys.executable, *argv], env)
     except OSError:
         return  # run on without; nothing is lost but speed
-
-
-def run_cli(argv: Optional[Sequence[str]] = None, *, as_module: bool = False) -> None:
-    """The `crosstrain` program: huge pages first, then the CLI."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    reexec_with_huge_pages(["-m", "crosstrain", *args] if as_module else [sys.argv[0], *args])
-    from crosstrain.cli import main
-
-    raise SystemExit(main(args))

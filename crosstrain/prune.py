@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crosstrain.config import config_from_dict, save_config
+from crosstrain.config import DistillConfig, InitConfig, check_paths
 from crosstrain.errors import UserError
-from crosstrain.train.metrics import write_json
+from crosstrain.files import write_json
 
 log = logging.getLogger("crosstrain")
 
@@ -91,26 +91,20 @@ def initial_scores(params: dict[str, Any]) -> jax.Array:
 def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, overrides: tuple[str, ...] = (),
           data: Optional[str] = None) -> dict[str, Any]:
     from crosstrain.data.pipeline import build_pipeline
-    from crosstrain.generate import load_run
     from crosstrain.model import loss_fn
     from crosstrain.model.params import params_sha256
-    from crosstrain.train.checkpoint import Checkpointer
-    from crosstrain.train.loop import make_setup
-    from crosstrain.train.step import init_state
+    from crosstrain.runtime import load_run, refuse_existing_checkpoints, write_new_run
 
-    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-        raise UserError(f"--run-dir: {out} already holds checkpoints; prune into a new directory")
+    refuse_existing_checkpoints(out, "prune")
     cfg, params, step = load_run(source)
     F = cfg.model.ffn
     if not 0 < ffn < F:
         raise UserError(f"--ffn: must be between 1 and the source's model.ffn - 1 ({F - 1}), got {ffn}")
     if steps < 1:
         raise UserError(f"--steps: must be >= 1, got {steps}")
-    raw = cfg.to_dict()
-    raw["data"]["tokenizer"] = str((source / "tokenizer.json").absolute())
-    if data:
-        raw["data"].update({"path": data, "sources": [], "mixture": []})
-    stream_cfg = config_from_dict(raw)
+    stream_cfg = cfg.override(data={"tokenizer": str((source / "tokenizer.json").absolute()),
+                                    **({"path": data, "sources": [], "mixture": []} if data else {})})
+    check_paths(stream_cfg, ("data",))  # the masks learn on the source's data (or --data)
     pipeline = build_pipeline(stream_cfg, write_files=False)
     batches = pipeline.batches()
     m = cfg.model
@@ -147,21 +141,12 @@ def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, ov
     full_loss = float(loss_fn(params, eval_tokens, m))
     hard_loss = float(loss_fn(masked(params, jnp.asarray(hard)), eval_tokens, m))
 
-    new_raw = cfg.to_dict()
-    new_raw["model"]["ffn"] = ffn
-    new_raw["data"]["tokenizer"] = str((out / "tokenizer.json").absolute())
-    new_raw["init"] = {}
-    new_raw["distill"] = {}
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
-    new_cfg = config_from_dict(new_raw, list(overrides))
-    setup = make_setup(new_cfg, jax.devices()[:1] if new_cfg.mesh.data == -1 else jax.devices())
-    state = jax.jit(lambda p: init_state(p, new_cfg.train.seed), out_shardings=setup.state_shardings)(small)
-    ckpt = Checkpointer(out / "checkpoints", new_cfg.checkpoint)
-    ckpt.save(0, state, {"step": 0, "data": {"iterator": {"next_index": 0}}, "config": new_cfg.fingerprint(),
-                         "pruned_from": str(source), "source_step": step}, wait=True)
-    ckpt.close()
-    save_config(new_cfg, out / "config.yaml")
+    new_cfg = cfg.override(*overrides, model={"ffn": ffn}, data={"tokenizer": str((out / "tokenizer.json").absolute())},
+                           init=InitConfig(), distill=DistillConfig())
+    write_new_run(out, new_cfg, small, {"pruned_from": str(source), "source_step": step},
+                  devices=jax.devices()[:1] if new_cfg.mesh.data == -1 else jax.devices())
     before = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     after = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(small))
     result = {

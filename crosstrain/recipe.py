@@ -27,7 +27,6 @@ stage, and the step, where it stopped. DIR/recipe.json records every stage.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ import yaml
 
 from crosstrain.config import Config, config_from_dict, load_run_config, parse_count, read_preset
 from crosstrain.errors import UserError
-from crosstrain.train.metrics import write_json
+from crosstrain.files import write_json
 
 log = logging.getLogger("crosstrain")
 
@@ -115,7 +114,7 @@ def _stage_config(stage: dict[str, Any], src: Optional[dict[str, Any]], extra: t
         steps = max(1, math.ceil(tokens / (cfg.train.batch * cfg.model.seq_len)))
     else:
         return cfg
-    return config_from_dict(raw, overrides + [f"train.steps={steps}"])
+    return cfg.override(train={"steps": steps})
 
 
 def _train_config(stage: dict[str, Any], directory: Path) -> Config:
@@ -189,6 +188,17 @@ def run_recipe(name_or_path: str, directory: Path) -> dict[str, Any]:
     return _write(directory, recipe, records, baseline)
 
 
+def describe(result: dict[str, Any]) -> str:
+    """A finished recipe, one line per stage (and the baseline): steps, size, held-out loss."""
+    lines = [f"{st['name']:>12} {st['kind']:>6} {st['steps']:>7} steps  seq {st['seq_len']:>6}  "
+             f"{st['params'] / 1e6:8.2f}M params  held-out {st['eval_loss']:.4f}" for st in result["stages"]]
+    if result["baseline"]:
+        b = result["baseline"]
+        lines.append(f"{'baseline':>12} {'train':>6} {b['steps']:>7} steps  {'':>10}  {b['params'] / 1e6:8.2f}M params  "
+                     f"held-out {b['eval_loss']:.4f}")
+    return "\n".join(lines)
+
+
 def _write(directory: Path, recipe: dict[str, Any], stages: list[dict[str, Any]], baseline) -> dict[str, Any]:
     out = {"recipe": recipe["name"], "description": recipe.get("description", ""), "stages": stages, "baseline": baseline}
     write_json(directory / "recipe.json", out)
@@ -205,10 +215,9 @@ def stage_configs(name_or_path: str):
     for stage in recipe["stages"]:
         kind = stage.get("kind", "train")
         if kind == "prune":
-            src = built[stage["from"]]
-            train_cfg = dataclasses.replace(src.train, steps=int(stage.get("steps", 100)))
-            built[stage["name"]] = src.replace(model=dataclasses.replace(src.model, ffn=int(stage["ffn"])), train=train_cfg)
-            out.append((stage, kind, src.replace(train=train_cfg), None))
+            src = built[stage["from"]].override(train={"steps": int(stage.get("steps", 100))})
+            built[stage["name"]] = src.override(model={"ffn": int(stage["ffn"])})
+            out.append((stage, kind, src, None))
             continue
         src = built[stage["from"]].to_dict() if stage.get("from") else None
         cfg = _stage_config(stage, src, planning=True)

@@ -136,10 +136,8 @@ def _remat(m: ModelConfig, devices, attention: str, mesh_sizes: Optional[dict[st
     return "full", f"nothing fits the planned {capacity / 2**30:.1f} GiB per device; recomputing the most"
 
 
-# On a CPU, bf16 is chosen when its measured GEMM rate beats fp32's by this factor: measured
-# steps followed the GEMM rates on both machines seen (AMD Zen 5: bf16 ceiling 2x fp32, nano step
-# 1.6x faster in bf16; Intel Xeon model 207 without AMX: bf16 ceiling 0.6x, step 0.6x; Intel Xeon
-# model 167 with AMX: bf16 ceiling 4.8x, step 1.9x; docs/performance.md).
+# On a CPU, bf16 is chosen when its measured GEMM rate beats fp32's by this factor; the CPUs
+# measured, and how their steps followed their GEMM rates: docs/performance.md, "compute_dtype=auto".
 BF16_CPU_ADVANTAGE = 1.15
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from crosstrain.cli import main
 
+pytestmark = pytest.mark.slow  # a timed benchmark of the real step
+
 
 def test_bench_json_is_complete_and_consistent(capsys, tmp_path):
     assert main(["bench", "--preset", "tiny", "--steps", "8", "--json", "--profile", str(tmp_path / "prof")]) == 0

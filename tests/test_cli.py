@@ -69,6 +69,7 @@ def test_programs_restart_with_huge_pages_keeping_other_tunables(tmp_path, opt_o
     assert tunables == want
 
 
+@pytest.mark.slow
 def test_a_run_whose_data_moved_away_still_generates_evaluates_and_exports(tmp_path):
     """Commands check only the files they use: a run copied off a cluster has no training data."""
 

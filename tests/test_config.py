@@ -1,11 +1,15 @@
 import pytest
 import yaml
 
+from crosstrain.cli import main
 from crosstrain.config import (
     Config,
+    DataConfig,
+    check_paths,
     config_from_dict,
     load_config,
     parse_count,
+    read_preset,
     resume_differences,
     save_config,
     shipped_presets,
@@ -63,7 +67,6 @@ def test_overrides_are_type_checked():
         ("optim.b2=1.0", "optim.b2", "[0, 1)"),
         ("train.microbatches=3", "train.batch", "not divisible by train.microbatches"),
         ("mesh.data=0", "mesh.data", "positive size or -1"),
-        ("data.path=/no/such/dir", "data.path", "does not exist"),
         ("layers=3", "layers", "section.key"),
         ("model.layers", "model.layers", "section.key=value"),
     ],
@@ -73,6 +76,101 @@ def test_bad_values_name_their_field(override, field, words):
         load_config("tiny", [override])
     assert e.value.field == field
     assert words in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("data.path=/no/such/dir", "data.path"),
+        ("data.tokenizer=/no/such/tokenizer.json", "data.tokenizer"),
+        ("init.from_run=/no/such/run", "init.from_run"),
+        ("distill.teacher=/no/such/run", "distill.teacher"),
+    ],
+)
+def test_paths_are_checked_only_by_those_that_read_them(override, field):
+    cfg = load_config("tiny", [override])  # a value check only: the path is not looked at
+    with pytest.raises(ConfigError) as e:
+        check_paths(cfg)
+    assert e.value.field == field
+    section = field.split(".")[0]
+    check_paths(cfg, tuple(s for s in ("data", "init", "distill") if s != section))
+
+
+def test_commands_check_the_files_they_read_and_only_those(tmp_path, capsys):
+    missing = str(tmp_path / "moved-away")
+    # plan reads no data: a preset whose data path is gone still plans.
+    assert main(["plan", "--preset", "tiny", "--data", missing, "--chip", "tpu-v5p", "--chips", "8", "--json"]) == 0
+    capsys.readouterr()
+    # tokenize reads it: one line naming the field, exit 2.
+    assert main(["tokenize", "--preset", "tiny", "--data", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.path: {missing} does not exist" in err
+
+
+def test_override_is_validated_and_keeps_what_the_user_named():
+    cfg = load_config("tiny", ["mesh.fsdp=2"])
+    new = cfg.override("optim.lr=0.5", model={"remat": "full", "layers": "3"}, train={"steps": 7})
+    assert (new.model.remat, new.model.layers, new.train.steps, new.optim.lr) == ("full", 3, 7, 0.5)
+    assert new.model.hidden == cfg.model.hidden and new.train.batch == cfg.train.batch
+    assert new.explicit == cfg.explicit  # programmatic changes are not the user's settings
+    assert cfg.model.remat != "full"  # the original is untouched
+    # A section instance replaces the whole section.
+    with_data = cfg.override(data={"path": "x.txt", "max_bytes": 5})
+    assert with_data.override(data=DataConfig()).data == DataConfig()
+    for bad, field, words in ((dict(model={"heads": 3}), "model.heads", "not divisible"),
+                              (dict(train={"steps": "many"}), "train.steps", "expected an integer"),
+                              (dict(model={"layerz": 2}), "model.layerz", "unknown key")):
+        with pytest.raises(ConfigError) as e:
+            cfg.override(**bad)
+        assert e.value.field == field and words in str(e.value)
+    with pytest.raises(ConfigError, match="unknown section"):
+        cfg.override("modle.layers=2")
+
+
+def test_preset_base_inherits_and_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"description": "base", "model": {"layers": 3, "hidden": 128},
+                                    "train": {"steps": 9}, "mesh": {"fsdp": 2}}))
+    sub = tmp_path / "sub" / "child.yaml"
+    sub.parent.mkdir()
+    sub.write_text(yaml.safe_dump({"base": "../base.yaml", "description": "child", "model": {"layers": 5},
+                                   "mesh": None}))
+    cfg = load_config(str(sub))
+    assert (cfg.model.layers, cfg.model.hidden, cfg.train.steps) == (5, 128, 9)
+    assert cfg.description == "child"
+    assert cfg.mesh.fsdp == 1 and "mesh.fsdp" not in cfg.explicit  # `mesh: ~` dropped the base's
+    assert {"model.layers", "model.hidden", "train.steps"} <= cfg.explicit
+    # A shipped preset as the base.
+    on_tiny = tmp_path / "on_tiny.yaml"
+    on_tiny.write_text("base: tiny\ntrain: {steps: 3}\n")
+    assert load_config(str(on_tiny)) == load_config("tiny", ["train.steps=3"])
+
+
+def test_the_afm_on_device_stages_share_the_core_model():
+    core, continued, context = (read_preset(f"afm-on-device-3b{s}") for s in ("", "-continued", "-context"))
+    shape = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab")
+    for stage in (continued, context):
+        assert {k: stage["model"][k] for k in shape} == {k: core["model"][k] for k in shape}
+    assert (continued["model"]["seq_len"], context["model"]["seq_len"]) == (8192, 32768)
+    assert context["model"]["rope_base"] == 6315089 and "mesh" not in continued and "mesh" not in context
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("base: no-such-preset\n", "base: unknown preset 'no-such-preset'"),
+        ("base: [tiny]\n", "base: must name a preset"),
+        ("base: loop.yaml\n", "base: the presets form a cycle"),
+        ("base: other.yaml\n", "base: the presets form a cycle"),
+    ],
+)
+def test_bad_base_is_one_line_exit_2(text, words, tmp_path, capsys):
+    preset = tmp_path / "loop.yaml"
+    preset.write_text(text)
+    (tmp_path / "other.yaml").write_text("base: loop.yaml\nmodel: {layers: 3}\n")
+    assert main(["plan", "--preset", str(preset), "--chip", "tpu-v5p", "--chips", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "Traceback" not in err
 
 
 def test_two_fill_axes_rejected():

@@ -67,6 +67,7 @@ def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_distilling_from_a_teacher_run(tmp_path):
     teacher = tmp_path / "teacher"
     assert _train(teacher, "train.steps=20").returncode == 0

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +16,8 @@ import pytest
 from crosstrain.config import CheckpointConfig, load_config
 from crosstrain.model import init_params, params_sha256
 from crosstrain.parallel.rules import activate
+from crosstrain.runtime import abstract_train_state, init_train_state, make_setup
 from crosstrain.train.checkpoint import Checkpointer, verify
-from crosstrain.train.loop import abstract_train_state, init_train_state, make_setup
 from crosstrain.train.step import init_state, make_train_step
 
 TINY = ["train", "--preset", "tiny", "--set", "train.steps=40", "train.checkpoint_every=4", "train.batch=32"]
@@ -65,6 +64,7 @@ def reference(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_random_sigkills_resume_bitwise_identically(reference, tmp_path):
     run = tmp_path / "run"
     rng = random.Random(7)
@@ -99,6 +99,7 @@ def test_random_sigkills_resume_bitwise_identically(reference, tmp_path):
     assert ledger["attempts"] >= 2 and 0 < ledger["total"]["goodput"] < 1
 
 
+@pytest.mark.slow
 def test_flipped_bytes_in_latest_checkpoint_fall_back_to_previous(reference, tmp_path):
     run = tmp_path / "run"
     assert run_cli(TINY, run).returncode == 0
@@ -190,6 +191,7 @@ def test_retention_keeps_last_k_and_every_p_through_the_trash(tmp_path):
     ck2.close()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_0_then_resumes(tmp_path):
     run = tmp_path / "run"
     args = ["train", "--preset", "tiny", "--set", "train.steps=100000", "train.log_every=1"]
@@ -207,6 +209,7 @@ def test_sigterm_saves_and_exits_0_then_resumes(tmp_path):
     assert [r["step"] for r in records(run)] == list(range(1, saved + 4))
 
 
+@pytest.mark.slow
 def test_restore_8_device_checkpoint_on_1_device(tmp_path):
     cfg8 = load_config("tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     setup8 = make_setup(cfg8, jax.devices())
@@ -242,6 +245,7 @@ def test_nan_injection_skips_exactly_one_update():
     assert int(history[4][0].opt.count) == 4 and np.isfinite(float(history[4][1]["loss"]))
 
 
+@pytest.mark.slow
 def test_nan_injection_end_to_end_and_halt(tmp_path):
     run = tmp_path / "skip"
     args = ["train", "--preset", "tiny", "--set", "train.steps=8", "faults.inject_nan_batch=5"]
@@ -257,6 +261,7 @@ def test_nan_injection_end_to_end_and_halt(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_loss_spike_rolls_back_deterministically(tmp_path):
     args = ["train", "--preset", "tiny", "--set", "train.steps=30", "train.checkpoint_every=4", "faults.spike_sigma=4",
             "faults.spike_window=6", "faults.inject_spike_batch=19", "faults.spike_skip=1"]

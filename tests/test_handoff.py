@@ -23,6 +23,8 @@ from crosstrain.generate import Sampling, generate_tokens  # noqa: E402
 from crosstrain.hf import from_hf_tensors, to_hf_tensors, write_hf_dir  # noqa: E402
 from crosstrain.model import forward, init_params  # noqa: E402
 
+pytestmark = pytest.mark.slow  # transformers parity: full runs and torch models
+
 
 def perturbed_params(cfg, seed=0):
     params = init_params(cfg.model, jax.random.key(seed))

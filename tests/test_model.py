@@ -5,9 +5,8 @@ import pytest
 
 import reference
 from crosstrain.config import load_config
-from crosstrain.flops import flops_per_token, matmul_params
+from crosstrain.flops import flops_per_token, matmul_params, param_count
 from crosstrain.model import (
-    analytic_param_count,
     count_params,
     decoder,
     forward,
@@ -26,14 +25,17 @@ def fp32(name="tiny", *extra):
 
 @pytest.mark.parametrize("preset", ["tiny", "demo", "nano", "afm-on-device-3b", "afm-server-core"])
 def test_param_count_matches_formula(preset):
+    """The parameter table (model/params.py) against the one closed form (flops.param_count)."""
     cfg = load_config(preset).model
-    assert count_params(cfg) == analytic_param_count(cfg)
+    assert count_params(cfg) == param_count(cfg)
 
 
 def test_param_count_matches_real_arrays_and_untied_head():
     cfg = fp32("tiny", "model.tie_embeddings=false")
     params = init_params(cfg, jax.random.key(0))
-    assert sum(x.size for x in jax.tree.leaves(params)) == analytic_param_count(cfg)
+    assert sum(x.size for x in jax.tree.leaves(params)) == param_count(cfg)
+    one_layer = sum(x[0].size for x in jax.tree.leaves(params["layers"]))
+    assert one_layer == param_count(cfg, part="layer")
     assert "lm_head" in params
     axes = param_axes(cfg)
     for leaf, ax in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):

@@ -10,8 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from test_faults import wait_for as _wait
 from test_sharding import _find_child as _worker
+
+pytestmark = pytest.mark.slow  # several processes, each training
 
 ARGS = ["train", "--preset", "tiny", "--set", "model.compute_dtype=float32", "mesh.fsdp=2", "train.steps=24",
         "train.checkpoint_every=3", "train.batch=16"]

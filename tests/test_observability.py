@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test trains runs
+
 
 def _env():
     e = dict(os.environ)

@@ -13,7 +13,7 @@ from crosstrain.planner.cases import evaluate_cases, read_cases, shipped_cases_p
 from crosstrain.planner.model import FAMILIES, Layout, estimate, total_params
 from crosstrain.planner.plan import Options, plan
 from crosstrain.planner.search import candidate_layouts, search
-from crosstrain.train.loop import init_train_state, make_setup, total_state_bytes
+from crosstrain.runtime import init_train_state, make_setup, total_state_bytes
 
 
 def test_flops_for_llama2_7b_by_hand():
@@ -71,13 +71,33 @@ def test_plan_json_fields_and_pinned_layout_that_does_not_fit(capsys):
                 "cost_usd", "energy_mwh", "parallelism", "time_breakdown", "memory_breakdown_gib"):
         assert key in r
     assert r["fits"] and 0 < r["mfu"] < 1
-    assert r["chip_hours"] == pytest.approx(256 * r["time_to_train_days"] * 24)
-    assert r["cost_usd"] == pytest.approx(r["chip_hours"] * CATALOG["tpu-v5p"].price_per_hour)
     assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(4096 * 4096)
     assert main(["plan", "--preset", "afm-server-core", "--chip", "tpu-v5e", "--chips", "16", "--remat", "none",
                  "--parallelism", "tp=1,pp=1,dp=16,fsdp=1,cp=1", "--json", "--price", "2"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["fits"] is False and r["price_per_chip_hour"] == 2
+
+
+def test_time_cost_and_energy_follow_the_budget_price_and_pue(capsys):
+    """The budget, --price and --pue change what they should and nothing else; the whole budget
+    is trained at the planned throughput; the default budget is the preset's own."""
+    def planned(*extra):
+        assert main(["plan", "--preset", "afm-on-device-3b", "--chip", "tpu-v5p", "--chips", "256", "--json",
+                     *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    full = planned("--tokens", "6.3T")
+    half = planned("--tokens", "3.15T", "--price", "1.5", "--pue", "1.4")
+    assert half["parallelism"] == full["parallelism"] and half["step_time_s"] == full["step_time_s"]
+    assert full["tokens_per_s"] * full["time_to_train_days"] * 86400 == pytest.approx(6.3e12)
+    assert half["time_to_train_days"] == pytest.approx(full["time_to_train_days"] / 2)
+    assert full["price_per_chip_hour"] == CATALOG["tpu-v5p"].price_per_hour != 1.5
+    assert half["cost_usd"] == pytest.approx(full["cost_usd"] / 2 * 1.5 / full["price_per_chip_hour"])
+    assert half["energy_mwh"] == pytest.approx(full["energy_mwh"] / 2 * 1.4)
+    # AFM-on-device's core stage: 375,500 steps of 4096 x 4096 tokens are its 6.3T.
+    default = planned()
+    assert default["steps"] == 375_500
+    assert default["time_to_train_days"] == pytest.approx(full["time_to_train_days"], rel=1e-3)
 
 
 def test_cost_objective_never_costs_more():
@@ -137,7 +157,7 @@ def test_cases_cli_json_and_chart(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert {"median_abs_rel_error", "max_abs_rel_error"} <= set(out["summary"])
     assert out["chart"] == str(chart) and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(tmp_path.glob("*.tmp.png"))
+    assert not list(tmp_path.glob(".*"))  # no temporary left behind
 
 
 @pytest.mark.parametrize(
@@ -178,6 +198,7 @@ def _has_libtpu():
     return importlib.util.find_spec("libtpu") is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_libtpu(), reason="libtpu (the tpu extra) is not installed")
 @pytest.mark.parametrize("remat", ["full", "selective", "none"])
 def test_aot_tpu_memory_agrees_with_the_planner(remat, capsys):
@@ -195,6 +216,7 @@ def test_aot_tpu_memory_agrees_with_the_planner(remat, capsys):
     assert aot["parameter_and_optimizer_gib"] * 2**30 == pytest.approx(total_params(nano) * 12 / 4, rel=0.10)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_libtpu(), reason="libtpu (the tpu extra) is not installed")
 def test_aot_reports_a_program_that_cannot_fit_instead_of_failing(capsys):
     # 64 sequences of 8192 tokens per chip without recomputation: crosstrain's reference attention

@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from crosstrain.config import load_config
 from crosstrain.model import forward, init_params
@@ -51,6 +52,7 @@ def _cli(*args):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_prune_a_run_into_a_smaller_run_that_trains_on(tmp_path):
     src = tmp_path / "src"
     assert _cli("train", "--preset", "tiny", "--set", "train.steps=20", "model.compute_dtype=float32",

@@ -17,6 +17,7 @@ def _recipe(run_dir, recipe="afm-on-device-demo"):
                            "--json"], env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_afm_demo_recipe_runs_every_stage_and_resumes_mid_stage(tmp_path):
     run = tmp_path / "afm"
     proc = _recipe(run)

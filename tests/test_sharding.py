@@ -9,15 +9,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from crosstrain.cli import main
 from crosstrain.config import load_config
-from crosstrain.errors import ConfigError
 from crosstrain.parallel.mesh import apply_mesh_rule, select_rule
-from crosstrain.train.loop import (
+from crosstrain.parallel.rules import activate
+from crosstrain.runtime import (
+    batch_rows,
     global_batch_array,
     init_train_state,
     make_setup,
@@ -25,7 +25,6 @@ from crosstrain.train.loop import (
     process_rows,
     total_state_bytes,
 )
-from crosstrain.parallel.rules import activate
 from crosstrain.train.step import make_train_step
 
 # Adam divides by |g| + eps: with eps = 1e-8, float-reordering noise in a gradient that is itself
@@ -71,6 +70,7 @@ def test_sharded_steps_match_single_device(mesh, single):
         assert rel < 1e-5, (jax.tree_util.keystr(path_a), rel)
 
 
+@pytest.mark.slow
 def test_sharded_gradients_match_single_device():
     from crosstrain.model import loss_fn
 
@@ -95,6 +95,7 @@ def test_gradient_accumulation_under_sharding(single):
     np.testing.assert_allclose(losses, single[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_per_device_bytes_shrink_with_fsdp():
     sizes = {}
     for k in (1, 2, 4, 8):
@@ -109,10 +110,33 @@ def test_per_device_bytes_shrink_with_fsdp():
         assert total / k <= sizes[k] < 1.05 * total / k, (k, sizes[k], total)
 
 
-def test_every_process_row_is_covered():
-    cfg = load_config("tiny", [*BASE, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+@pytest.mark.parametrize("mesh", [(2, 2, 2), (8, 1, 1), (1, 4, 2), (4, 1, 2)])
+def test_every_process_row_is_covered(mesh):
+    """Each process feeds the rows its own devices hold, and the processes together feed the
+    whole global batch, the same batch one process would: for 1, 2, 4 and 8 processes (devices
+    grouped by id, as jax.distributed numbers each process's devices)."""
+    data, fsdp, tensor = mesh
+    cfg = load_config("tiny", [*BASE, f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}",
+                               "train.batch=16"])
     setup = make_setup(cfg, jax.devices())
-    assert process_rows(setup) == (0, cfg.train.batch)  # one process holds every device
+    shape = (cfg.train.batch, cfg.model.seq_len + 1)
+    assert process_rows(setup) == (0, cfg.train.batch)  # this test runs as one process
+    index = setup.batch_sharding.devices_indices_map(shape)
+    devices = sorted(setup.mesh.devices.flat, key=lambda d: d.id)
+    batch = np.arange(shape[0] * shape[1], dtype=np.int32).reshape(shape)
+    for n in (1, 2, 4, 8):
+        groups = [devices[i * len(devices) // n:(i + 1) * len(devices) // n] for i in range(n)]
+        rows = [batch_rows(setup.batch_sharding, shape, g) for g in groups]
+        for group, (lo, hi) in zip(groups, rows):
+            held = {r for d in group for r in range(*index[d][0].indices(shape[0]))}
+            assert held == set(range(lo, hi)), (n, group)  # exactly its devices' rows, contiguous
+        # Processes either split the batch or, across the tensor axis, hold the same rows.
+        spans = sorted(set(rows))
+        assert spans[0][0] == 0 and spans[-1][1] == shape[0]
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), spans
+        assert len({hi - lo for lo, hi in spans}) == 1  # every process reads as many rows
+        # What each process would pass in, stitched together, is the global batch.
+        assert np.array_equal(np.concatenate([batch[lo:hi] for lo, hi in spans]), batch)
 
 
 @pytest.mark.parametrize(
@@ -184,6 +208,7 @@ def _losses(run):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     args = ["train", "--preset", "tiny", "--set", "model.compute_dtype=float32", "train.steps=6"]
     one = subprocess.run([sys.executable, "-m", "crosstrain", *args, "--run-dir", str(tmp_path / "one")],
@@ -213,6 +238,7 @@ def _find_child(process_id: int, run_dir: Path) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_launch_ends_every_process_when_one_dies(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(

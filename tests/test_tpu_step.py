@@ -18,7 +18,7 @@ from crosstrain.model.attention import reference_attention, splash_attention
 from crosstrain.parallel.mesh import apply_mesh_rule
 from crosstrain.parallel.rules import activate
 from crosstrain.resolve import resolve_model
-from crosstrain.train.loop import make_setup
+from crosstrain.runtime import make_setup
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu extra) is not installed")
 
@@ -28,6 +28,7 @@ def _qkv(b=2, s=256, h=4, kvh=2, d=128, dtype=jnp.float32):
     return tuple(jax.random.normal(k, (b, s, n, d), dtype) for k, n in zip(keys, (h, kvh, kvh)))
 
 
+@pytest.mark.slow
 def test_splash_matches_the_reference_forward_and_gradients():
     q, k, v = _qkv()
     pos = jnp.arange(q.shape[1], dtype=jnp.int32)
@@ -59,6 +60,7 @@ def test_splash_under_shard_map_on_a_data_by_tensor_mesh():
     np.testing.assert_allclose(got, reference_attention(q, k, v, q_pos=pos, kv_pos=pos), atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["selective", "dots", "attention", "full"])
 def test_every_remat_policy_gives_the_same_gradients(policy):
     base = ["model.compute_dtype=float32", "model.activation_dtype=float32", "model.attention=reference"]
@@ -112,6 +114,7 @@ def test_remat_auto_recomputes_only_when_memory_runs_out():
     assert small == "none" and big in ("attention", "full")
 
 
+@pytest.mark.slow
 def test_splash_training_gives_the_reference_losses(tmp_path):
     from crosstrain.train.loop import train
 
@@ -141,6 +144,7 @@ def test_multislice_mesh_puts_data_parallelism_across_slices():
         assert {d.slice_index for d in setup.mesh.devices[i].flat} == {i}
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_aot_compiles_afm_on_device_for_8_v5p_with_splash_and_fits(capsys):
     assert main(["plan", "--preset", "afm-on-device-3b", "--chip", "tpu-v5p", "--chips", "8", "--aot", "--json"]) == 0
@@ -152,6 +156,7 @@ def test_aot_compiles_afm_on_device_for_8_v5p_with_splash_and_fits(capsys):
     assert aot["resolved"]["activation_dtype"] == "bfloat16" and aot["resolved"]["kernel_mode"] == "compiled"
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_aot_compiles_a_multislice_v4_topology(capsys):
     assert main(["plan", "--preset", "nano", "--chip", "tpu-v4", "--chips", "8", "--slices", "2", "--set", "train.batch=32",

@@ -58,6 +58,7 @@ def test_microbatches_accumulate_to_the_same_step():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_train_tiny_end_to_end(tmp_path):
     run = tmp_path / "run"
     proc = run_cli("train", "--preset", "tiny", "--run-dir", str(run))

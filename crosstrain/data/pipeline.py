@@ -21,7 +21,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import grain
 import numpy as np
@@ -34,6 +34,7 @@ from crosstrain.data.sources import Source, SourceReport, fingerprint, iter_docu
 from crosstrain.data.store import STORE_VERSION, TokenStore, build_store
 from crosstrain.data.tokenizer import eot_id, load_tokenizer, train_bpe
 from crosstrain.errors import UserError
+from crosstrain.files import atomic_path, write_json
 
 log = logging.getLogger("crosstrain")
 
@@ -190,9 +191,8 @@ def _tokenizer(cfg: Config, sources: list[Source], idents: list[str], run_dir: O
 
     tokenizer = train_bpe(texts(), cfg.model.vocab)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{id(tokenizer)}")
-    tokenizer.save(str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tokenizer.save(str(tmp))
     return tokenizer
 
 
@@ -207,9 +207,8 @@ def build_pipeline(cfg: Config, *, run_dir: Optional[Path] = None, write_files: 
         )
     eot = eot_id(tokenizer)
     if run_dir is not None and write_files and not (run_dir / "tokenizer.json").is_file():
-        tmp = run_dir / "tokenizer.json.tmp"
-        tokenizer.save(str(tmp))
-        tmp.replace(run_dir / "tokenizer.json")
+        with atomic_path(run_dir / "tokenizer.json") as tmp:
+            tokenizer.save(str(tmp))
 
     tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
     stores = []
@@ -253,7 +252,5 @@ def build_pipeline(cfg: Config, *, run_dir: Optional[Path] = None, write_files: 
         phases=phases,
     )
     if run_dir is not None and write_files:
-        from crosstrain.train.metrics import write_json
-
         write_json(run_dir / "data_report.json", pipeline.report())
     return pipeline

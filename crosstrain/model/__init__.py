@@ -1,7 +1,6 @@
 """The AFM-style decoder: parameter table (params.py), layers (transformer.py), kernels (attention.py)."""
 
 from crosstrain.model.params import (
-    analytic_param_count,
     count_params,
     init_params,
     param_axes,
@@ -12,7 +11,6 @@ from crosstrain.model.params import (
 from crosstrain.model.transformer import decoder, forward, init_cache, loss_fn, output_logits, token_losses
 
 __all__ = [
-    "analytic_param_count",
     "count_params",
     "decoder",
     "forward",

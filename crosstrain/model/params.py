@@ -97,16 +97,6 @@ def count_params(cfg: ModelConfig) -> int:
     return int(sum(np.prod(s.shape) for s in leaves))
 
 
-def analytic_param_count(cfg: ModelConfig) -> int:
-    """The closed-form count, written independently of the spec table (a test compares them)."""
-    d, hd = cfg.hidden, cfg.head_dim
-    attn = d * cfg.heads * hd * 2 + d * cfg.kv_heads * hd * 2
-    mlp = 3 * d * cfg.ffn
-    norms = 2 * d + (2 * hd if cfg.qk_norm else 0)
-    embed = cfg.vocab * d * (1 if cfg.tie_embeddings else 2)
-    return cfg.layers * (attn + mlp + norms) + embed + d
-
-
 def params_sha256(params: Params) -> str:
     """SHA-256 over every parameter's bytes, leaves in sorted path order.
 

@@ -5,7 +5,6 @@ network, DCN); the other three axes live inside a slice, on its ICI links."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -196,10 +195,5 @@ def apply_mesh_rule(cfg: Config, devices: Sequence[jax.Device]) -> tuple[Config,
         else:
             sizes[axis] = math.gcd(want, remaining)  # fewer devices than the rule wants: shrink
             remaining //= sizes[axis]
-    raw = cfg.to_dict()
-    raw["mesh"].update(sizes)
     overrides = [o for o in rule.overrides if o.split("=", 1)[0] not in cfg.explicit]
-    from crosstrain.config import config_from_dict
-
-    new = config_from_dict(raw, overrides)
-    return dataclasses.replace(new, explicit=cfg.explicit), rule
+    return cfg.override(*overrides, mesh=sizes), rule

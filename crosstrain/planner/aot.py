@@ -26,7 +26,7 @@ import re
 import time
 from typing import Any
 
-from crosstrain.config import Config
+from crosstrain.config import Config, DataConfig, InitConfig
 from crosstrain.errors import UserError
 from crosstrain.hardware import GIB, Chip
 
@@ -98,7 +98,7 @@ def _refusal(message: str) -> dict[str, Any]:
 def _compile(cfg: Config, devices) -> tuple[Any, Any]:
     """(compiled step, setup) for `cfg` on `devices`; raises JaxRuntimeError on refusal."""
     from crosstrain.parallel.rules import activate
-    from crosstrain.train.loop import abstract_train_state, compile_train_step, make_setup
+    from crosstrain.runtime import abstract_train_state, compile_train_step, make_setup
 
     setup = make_setup(cfg, devices)
     with activate(setup.mesh):
@@ -116,15 +116,9 @@ def _analysis(compiled) -> dict[str, float]:
 
 def _program(cfg: Config, *, layers: int, remat: str, batch: int, microbatches: int, mesh: dict[str, int],
              scan: bool = True) -> Config:
-    from crosstrain.config import config_from_dict
-
-    raw = cfg.to_dict()
-    raw["model"].update({"layers": layers, "remat": remat, "scan_layers": scan})
-    raw["train"].update({"batch": batch, "microbatches": microbatches})
-    raw["mesh"] = {**mesh, "rule": "none"}
-    raw["data"] = {}
-    raw["init"] = {}
-    return config_from_dict(raw)
+    return cfg.override(model={"layers": layers, "remat": remat, "scan_layers": scan},
+                        train={"batch": batch, "microbatches": microbatches}, mesh={**mesh, "rule": "none"},
+                        data=DataConfig(), init=InitConfig())
 
 
 def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: int, remat: str, *,

@@ -9,7 +9,7 @@ predicted metric, on a grid of 0.01 from 0.30 to 2.00.
 Judged out of sample: for each group of sources (one paper, or one framework's published table),
 the scales are refitted on the other groups only and the group's runs predicted with them. A
 family with no runs outside the group keeps the unfitted 1.0. The shipped values in
-`planner/model.py` are the fit on every group; `python -m crosstrain.planner.calibrate` prints
+`planner/model.py` are the fit on every group; `python -m crosstrain.planner.refit` prints
 them again (tests check the two agree).
 """
 
@@ -47,22 +47,3 @@ def leave_one_group_out(prepared: Sequence) -> dict[str, float]:
             if p.group == group:
                 out[p.row["id"]] = p.predict({p.family: scales.get(p.family, 1.0)})
     return out
-
-
-def main() -> int:
-    from crosstrain.planner.cases import prepare_case, read_cases, shipped_cases_path
-    from crosstrain.planner.model import FAMILIES
-
-    import dataclasses
-
-    # Fit from the unfitted model (every scale 1.0), as the shipped values were.
-    unfitted = {k: dataclasses.replace(v, fitted_scale=1.0) for k, v in FAMILIES.items()}
-    FAMILIES.update(unfitted)
-    prepared = [prepare_case(r) for r in read_cases(shipped_cases_path())]
-    for fam, scale in fit_scales(prepared).items():
-        print(f"{fam}: fitted_scale={scale}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from crosstrain.files import pyplot, save_figure
+
 
 def _fmt(v: float, unit: str = "") -> str:
     if v is None:
@@ -72,11 +74,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
 
 
 def compare_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [r for r in rows if "error" not in r]
     labels = [f"{r['chip']}\nx{r['chips']}" for r in ok]
     metrics = [("time_to_train_days", "days to train"), ("cost_usd", "cost (USD)"), ("energy_mwh", "energy (MWh)")]
@@ -92,20 +90,29 @@ def compare_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
+
+
+def recipe_table(r: dict[str, Any]) -> str:
+    """`plan --recipe` for one chip and count: each stage's time and cost, then the total."""
+    lines = [f"{r['recipe']} on {r['chips']} x {r['chip']}:"]
+    for st in r["stages"]:
+        head = f"  {st['name']:>10} {st['kind']:>5} {st['steps']:>9,} steps  seq {st['seq_len']:>6}  "
+        if st.get("error"):
+            lines.append(head + f"does not fit: {st['error'].split(': ', 1)[-1]}")
+            continue
+        lines.append(head + f"{st['step_time_s']:8.3f} s/step  {st['days']:7.2f} days  ${st['cost_usd'] / 1e3:,.1f}k"
+                     + ("" if st["fits"] else "  DOES NOT FIT"))
+    t = r["total"]
+    lines.append(f"  {'total':>10} {'':>5} {'':>15} {'':>11} {'':>13} {t['days']:7.2f} days  ${t['cost_usd'] / 1e3:,.1f}k  "
+                 f"{t['energy_mwh']:,.0f} MWh" + ("" if r["all_fit"] else "  (stages that do not fit left out)"))
+    return "\n".join(lines)
 
 
 def cases_chart(result: dict[str, Any], path: Path) -> None:
     """Predicted against measured speed for every published run, in sample and leave-one-group-out,
     one colour per chip family, on log axes with the +-10% band the planner aims for."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     colors = {"tpu": "#4C72B0", "gpu": "#55A868", "trainium": "#DD8452", "cpu": "#8C8C8C"}
     s = result["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), dpi=110, sharey=True)
@@ -130,10 +137,7 @@ def cases_chart(result: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"planner vs {s['count']} published runs in {s['groups']} groups")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def cases_table(result: dict[str, Any]) -> str:

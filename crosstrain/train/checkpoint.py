@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 
 from crosstrain.config import CheckpointConfig
 from crosstrain.errors import UserError
+from crosstrain.files import atomic_write
 
 log = logging.getLogger("crosstrain")
 
@@ -58,9 +59,7 @@ def _files(step_dir: Path) -> list[Path]:
 
 def write_manifest(step_dir: Path, step: int) -> None:
     files = {str(p.relative_to(step_dir)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in _files(step_dir)}
-    tmp = step_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "files": files, "sealed_at": time.time()}, indent=1))
-    os.replace(tmp, step_dir / MANIFEST)
+    atomic_write(step_dir / MANIFEST, json.dumps({"step": step, "files": files, "sealed_at": time.time()}, indent=1))
 
 
 def verify(step_dir: Path) -> Optional[str]:

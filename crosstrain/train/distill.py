@@ -9,25 +9,20 @@ top-1 prediction, 0.9 on the teacher (Gunter et al. 2024, arXiv:2407.21075):
 The teacher's forward pass runs inside the student's compiled step on the same mesh (its
 parameters are an argument of the step, sharded by the same logical-axis rules, never
 differentiated). Whatever the mode, the student's cross-entropy on the true tokens is what the
-run logs as `loss`, so distilled and plain runs compare; the objective is `distill_loss`.
+run logs as `loss`, so distilled and plain runs compare; the objective is `distill_loss`. The
+teacher run is loaded onto the student's mesh by `crosstrain.runtime.load_teacher`.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
-from crosstrain.config import Config, DistillConfig, ModelConfig, dtype_of
-from crosstrain.errors import UserError
+from crosstrain.config import DistillConfig, ModelConfig, dtype_of
 from crosstrain.model.fused import output_cross_entropy
 from crosstrain.model.transformer import copy_transposes, decoder, output_logits
-
-log = logging.getLogger("crosstrain")
 
 
 def _student_ce(params, hidden, targets, cfg: ModelConfig) -> jax.Array:
@@ -62,32 +57,3 @@ def objective(params: Any, tokens: jax.Array, cfg: ModelConfig, *, teacher: Opti
                      axis=-1)
         teacher_ce = temp * temp * kl
     return jnp.mean((1.0 - w) * true_ce + w * teacher_ce), jnp.mean(true_ce)
-
-
-@dataclass
-class Teacher:
-    cfg: Config  # the teacher run's config, its model resolved for these devices
-    params: Any  # sharded on the student's mesh
-    shardings: Any
-    step: int
-
-
-def load_teacher(student: Config, setup, devices) -> Teacher:
-    """The teacher run's latest parameters, on the student's mesh and sharding rules (`train`
-    has already checked that the vocabularies match)."""
-    from crosstrain.config import config_from_dict, load_run_config
-    from crosstrain.train.loop import latest_state_of, make_setup
-
-    directory = Path(student.distill.teacher)
-    tcfg = load_run_config(directory)
-    raw = tcfg.to_dict()
-    raw.update({"mesh": {**student.to_dict()["mesh"], "rule": "none"}, "train": student.to_dict()["train"],
-                "data": {}, "init": {}, "distill": {}})
-    try:
-        tsetup = make_setup(config_from_dict(raw), devices)
-    except UserError as e:
-        raise UserError(f"distill.teacher: {e}") from None
-    step, state = latest_state_of(directory, tcfg, tsetup, "distill.teacher")
-    log.info("distilling from %s (step %d, %s), %s target, teacher weight %.2f", directory, step,
-             f"{tcfg.model.layers} layers x {tcfg.model.hidden}", student.distill.mode, student.distill.teacher_weight)
-    return Teacher(tsetup.cfg, state.params, tsetup.state_shardings.params, step)

@@ -1,15 +1,11 @@
-"""Host-side fault handling: loss-spike detection, preemption, and the goodput ledger."""
+"""Host-side fault handling: loss-spike detection and preemption (the goodput ledger: timing.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import threading
 from collections import deque
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -81,66 +77,3 @@ class Preemption:
 
         flags = multihost_utils.process_allgather(np.asarray([int(local)], np.int32))
         return bool(np.any(flags))
-
-
-@dataclass
-class Buckets:
-    """Seconds of wall time by what they bought. goodput = productive / wall."""
-
-    wall_s: float = 0.0
-    productive_s: float = 0.0  # training steps whose results were kept
-    startup_s: float = 0.0  # process start to the first step: imports, data, init, compile
-    compile_s: float = 0.0  # (part of startup)
-    restore_s: float = 0.0  # reading checkpoints back (resume and rollbacks)
-    checkpoint_stall_s: float = 0.0  # the loop blocked on saving and sealing
-    recomputed_s: float = 0.0  # steps computed again: lost to an interruption or a rollback
-    eval_s: float = 0.0
-
-    def add(self, other: "Buckets") -> "Buckets":
-        return Buckets(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
-
-    def report(self) -> dict:
-        d = asdict(self)
-        accounted = self.productive_s + self.startup_s + self.restore_s + self.checkpoint_stall_s + self.recomputed_s + self.eval_s
-        d["other_s"] = max(0.0, self.wall_s - accounted)
-        d["goodput"] = self.productive_s / self.wall_s if self.wall_s > 0 else None
-        return d
-
-
-class GoodputLedger:
-    """RUN_DIR/goodput.json: this run's buckets summed over every attempt (start) of the run.
-
-    Written at every logged step, so a killed attempt leaves its numbers up to its last log. A
-    resumed attempt moves the time of the steps it must redo from `productive` to `recomputed`."""
-
-    def __init__(self, path: Path, *, write: bool):
-        self.path = path
-        self.write_enabled = write
-        self.previous = Buckets()
-        self.attempts = 1
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-                self.previous = Buckets(**{f.name: float(data["total"].get(f.name, 0.0)) for f in fields(Buckets)})
-                self.attempts = int(data.get("attempts", 0)) + 1
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-        self.current = Buckets()
-
-    def lost(self, seconds: float) -> float:
-        """Steps of earlier attempts that will be computed again: no longer productive. Returns
-        the seconds moved (this attempt books them as recomputed)."""
-        moved = min(seconds, self.previous.productive_s)
-        self.previous.productive_s -= moved
-        return moved
-
-    def total(self) -> Buckets:
-        return self.previous.add(self.current)
-
-    def save(self) -> None:
-        if not self.write_enabled:
-            return
-        data = {"attempts": self.attempts, "total": self.total().report(), "this_attempt": self.current.report()}
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(self.path)

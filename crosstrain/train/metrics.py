@@ -1,18 +1,18 @@
-"""Run outputs people read: metrics.jsonl (one object per logged step), loss.png, summary.json."""
+"""Run outputs people read: metrics.jsonl (one object per logged step), TensorBoard events, the
+log, loss.png; summary.json is written through crosstrain.files.write_json."""
 
 from __future__ import annotations
 
 import json
-import math
-import os
+import logging
+import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
+from crosstrain.files import atomic_write, json_safe, pyplot, save_figure
+from crosstrain.train.tensorboard import TensorBoardWriter
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
+log = logging.getLogger("crosstrain")
 
 
 class MetricsWriter:
@@ -30,13 +30,11 @@ class MetricsWriter:
 
     def _rewrite(self, keep_through: int) -> None:
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_through]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         self._last_offset = self._file.tell()
-        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._file.write(json.dumps({k: json_safe(v) for k, v in record.items()}) + "\n")
         self._file.flush()
 
     def amend_last(self, record: dict[str, Any]) -> None:
@@ -73,18 +71,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({k: _clean(v) for k, v in data.items()}, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def plot_losses(records: Iterable[dict[str, Any]], path: Path, *, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     records = list(records)
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and "eval_loss" not in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
@@ -99,7 +87,76 @@ def plot_losses(records: Iterable[dict[str, Any]], path: Path, *, title: str = "
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
+
+
+def _progress_bar(total: int, start: int):
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=True)
+
+
+class Records:
+    """Each logged step's record, to where it is read: metrics.jsonl and TensorBoard (written by
+    process 0 only), and a log line or, on a terminal, the progress bar. Resumed at `start`,
+    both files drop what an earlier attempt wrote past it: one curve, each step once."""
+
+    def __init__(self, run_dir: Path, *, main: bool, total: int, start: int, resumed: bool):
+        self.run_dir, self.total = run_dir, total
+        self.writer = MetricsWriter(run_dir / "metrics.jsonl", resume_step=start if resumed else None) if main else None
+        self.tb = TensorBoardWriter(run_dir / "tensorboard", resume_step=start) if main else None
+        self.bar = _progress_bar(total, start) if main else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.write(record)
+        if self.tb is not None:
+            self.tb.write(record)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {record['loss']:.3f}")
+            return
+        msg = (f"step {record['step']}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+               f"{record['tokens_per_s']:,.0f} tok/s")
+        if record["mfu"] is not None:
+            msg += f" mfu {100 * record['mfu']:.1f}%"
+        log.info(msg)
+
+    def amend(self, record: dict[str, Any], keys: tuple[str, ...]) -> None:
+        """The last record again, with `keys` added (evaluation's)."""
+        if self.writer is not None:
+            self.writer.amend_last(record)
+        if self.tb is not None:
+            self.tb.write(record, keys=keys)
+
+    def stepped(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def rewind(self, step: int) -> None:
+        """Rolled back to `step`: the records after it go."""
+        if self.writer is not None:
+            self.writer.truncate(step)
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = TensorBoardWriter(self.run_dir / "tensorboard", resume_step=step)
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def pause(self) -> None:
+        """The loop ended (done, preempted or failed): close the bar and the JSONL file, flush."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.tb is not None:
+            self.tb.flush()
+
+    def close(self, final: Optional[dict[str, Any]] = None) -> None:
+        """Close TensorBoard's file, with `final` scalars (the run's goodput) written first."""
+        if self.tb is not None:
+            if final is not None:
+                self.tb.write(final)
+            self.tb.close()
