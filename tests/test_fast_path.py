@@ -16,7 +16,7 @@ import numpy as np
 
 from crosstrain.config import load_config
 from crosstrain.model import init_params
-from crosstrain.model.fused import causal_gqa_attention, output_cross_entropy, qkv_projection, swiglu_mlp
+from crosstrain.model.fused import causal_gqa_attention, linear, output_cross_entropy, qkv_projection, swiglu_mlp
 from crosstrain.train.step import init_state, make_train_step
 
 # `%name = bf16[64,128]{1,0} op(...)`: the result of one HLO instruction.
@@ -90,6 +90,7 @@ def _rules(copy: bool):
                               bf(n, d), bf(d, f), bf(d, f), bf(f, d)),
         "qkv_projection": grad_of(lambda h, q, k, w: sum(jnp.sum(x) for x in qkv_projection(h, q, k, w, copy_transposes=copy)),
                                   bf(n, d), bf(d, d), bf(d, d // 4), bf(d, d // 4)),
+        "linear": grad_of(lambda h, w: linear(h, w, copy_transposes=copy), bf(n, d), bf(d, d)),
         "output_cross_entropy tied": grad_of(
             lambda h, w: output_cross_entropy(h, w, targets, tied=True, copy_transposes=copy), bf(n, d), bf(v, d)),
         "output_cross_entropy lm_head": grad_of(
@@ -124,13 +125,11 @@ def _step_dots(transposes: str):
 
 def test_the_compiled_bf16_train_step_has_no_transposed_dot():
     """The whole tiny step as the trainer compiles it on a CPU (dot_transposes "auto" is "copy"
-    there): no dot reads a transposed left operand or a column-major layout, and the bf16 dots
-    stay bf16. (The attention output projection's backward is plain autodiff of an fp32
-    cotangent, so its dots are fp32 in either mode: dtypes are checked in the test above.)
-    With the transposes folded, the same check finds A^T @ B dots."""
+    there): every dot is on the fast path (every weight matmul of a layer, the attention output
+    projection included, has a hand-written backward). With the transposes folded, the same
+    check finds A^T @ B dots."""
     cfg, dots = _step_dots("copy")
     assert len(dots) >= 10 * cfg.model.layers
-    assert [why for why in slow_forms(dots) if "A^T" in why or "layouts" in why] == []
-    assert sum(ops[0][0] == ops[1][0] == "bf16" for _, ops, _ in dots) >= 0.8 * len(dots)
+    assert slow_forms(dots) == []
     _, folded = _step_dots("fold")
     assert any("A^T" in why for why in slow_forms(folded))
