@@ -77,10 +77,14 @@ def _output_ce(h, w, targets, tied, copy):
 def _output_ce_fwd(h, w, targets, tied, copy):
     logits = _logits(h, w, tied)
     m = jnp.max(logits, axis=-1)
-    e = jnp.exp(logits - m[:, None])
-    z = jnp.sum(e, axis=-1)
+    # exp(logits - max) goes straight to the compute dtype and z sums exactly those values, so the
+    # backward's e / z is a distribution in the numbers it multiplies. On CPU this is one pass that
+    # writes [N, V] in bf16 instead of an fp32 exp, a convert and a sum over fp32
+    # (docs/performance.md).
+    e = jnp.exp(logits - m[:, None]).astype(h.dtype)
+    z = jnp.sum(e.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    return m + jnp.log(z) - picked, (h, w, targets, e.astype(h.dtype), z)
+    return m + jnp.log(z) - picked, (h, w, targets, e, z)
 
 
 def _output_ce_bwd(tied, copy, res, dloss):
