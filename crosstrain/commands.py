@@ -153,6 +153,8 @@ def cmd_import(args) -> int:
         raise UserError(f"--hf: {hf_dir} is not a directory")
     refuse_existing_checkpoints(run_dir, "import")
     cfg = apply_hf_model(cfg, hf_dir)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise UserError(f"--hf: {hf_dir} has no tokenizer.json (the run keeps the model's own tokenizer)")
     params = load_hf_params(hf_dir, cfg.model)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(hf_dir / "tokenizer.json", run_dir / "tokenizer.json")

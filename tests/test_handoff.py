@@ -130,6 +130,13 @@ def test_unsupported_architectures_exit_2(tmp_path, capsys):
     (bad / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "num_hidden_layers": 2}))
     assert main(["import", "--hf", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
     assert "config.json lacks hidden_size" in capsys.readouterr().err
+    (bad / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64,
+                                                 "intermediate_size": 128, "num_hidden_layers": 2,
+                                                 "num_attention_heads": 4, "vocab_size": 512}))
+    assert main(["import", "--hf", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer.json" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()  # nothing half-written
 
 
 def test_tiny_run_hands_off_to_transformers(tmp_path):
