@@ -30,11 +30,13 @@ if __name__ == "__main__":
 skip_absent_tpu()
 
 
-def runner(preset: str, sets: list[str], tokens):
+def build(preset: str, sets: list[str]):
+    """(config with every `auto` resolved as `crosstrain train` resolves it on this machine, what
+    each became, a fresh train state, the jitted step donating its state). An unresolved model
+    would run the reference attention, not the step users run."""
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
 
     from crosstrain.config import load_config
     from crosstrain.model import init_params
@@ -45,7 +47,15 @@ def runner(preset: str, sets: list[str], tokens):
     model, resolved = resolve_model(cfg.model, jax.devices()[:1])
     cfg = dataclasses.replace(cfg, model=model)
     state = init_state(init_params(cfg.model, jax.random.key(0)))
-    step = jax.jit(make_train_step(cfg), donate_argnums=(0,))
+    return cfg, resolved, state, jax.jit(make_train_step(cfg), donate_argnums=(0,))
+
+
+def runner(preset: str, sets: list[str], tokens):
+    """(a function of n that runs n training steps and returns their median seconds, resolved)."""
+    import jax
+    import jax.numpy as jnp
+
+    _, resolved, state, step = build(preset, sets)
     batch = jnp.asarray(tokens, jnp.int32)
     box = {"state": state}
 

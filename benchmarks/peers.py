@@ -37,38 +37,12 @@ skip_absent_tpu()
 
 
 def crosstrain_runner(dtype: str, tokens):
-    """A function of n that runs n training steps and returns their median seconds."""
-    import jax
-    import jax.numpy as jnp
+    """A function of n that runs n training steps and returns their median seconds: the step as
+    `crosstrain train` compiles it on this machine (ab_step.runner)."""
+    from ab_step import runner
 
-    import dataclasses
-
-    from crosstrain.config import load_config
-    from crosstrain.model import init_params
-    from crosstrain.resolve import resolve_model
-    from crosstrain.train.step import init_state, make_train_step
-
-    cfg = load_config("nano", [f"model.compute_dtype={dtype}"])
-    # Every `auto` decided as `crosstrain train` and `bench` decide it on this machine (attention
-    # kernel, activation dtype, transposed dots); an unresolved model runs the reference path.
-    model, resolved = resolve_model(cfg.model, jax.devices()[:1])
-    cfg = dataclasses.replace(cfg, model=model)
+    run, resolved = runner("nano", [f"model.compute_dtype={dtype}"], tokens)
     print(f"crosstrain {dtype}: {resolved.describe()}", file=sys.stderr)
-    state = init_state(init_params(cfg.model, jax.random.key(0)))
-    step = jax.jit(make_train_step(cfg), donate_argnums=(0,))
-    batch = jnp.asarray(tokens, jnp.int32)
-    box = {"state": state}
-
-    def run(n: int) -> float:
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            box["state"], m = step(box["state"], batch, 0)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t)
-        return sorted(times)[len(times) // 2]
-
-    run(2)  # compile and warm up
     return run
 
 

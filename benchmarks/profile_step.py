@@ -70,25 +70,17 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from ab_step import build
 
-    from crosstrain.config import load_config
     from crosstrain.hardware import cpu_model
-    from crosstrain.model import init_params
-    from crosstrain.resolve import resolve_model
-    from crosstrain.train.step import init_state, make_train_step
 
-    cfg = load_config(args.preset, args.set)
-    model, resolved = resolve_model(cfg.model, jax.devices()[:1])
-    cfg = dataclasses.replace(cfg, model=model)
-    state = init_state(init_params(cfg.model, jax.random.key(0)))
+    cfg, resolved, state, step = build(args.preset, args.set)
+    model = cfg.model
     tokens = np.random.default_rng(0).integers(0, model.vocab, size=(cfg.train.batch, model.seq_len + 1))
     batch = jnp.asarray(tokens, jnp.int32)
-    step = jax.jit(make_train_step(cfg), donate_argnums=(0,))
     compiled = step.lower(state, batch, 0).compile()
     names = op_names(compiled.as_text())
     for _ in range(3):

@@ -24,7 +24,7 @@ from crosstrain.errors import UserError
 from crosstrain.flops import flops_per_token, matmul_params
 from crosstrain.hardware import get_chip
 from crosstrain.planner.model import FAMILIES, Estimate, Layout, estimate
-from crosstrain.planner.search import search
+from crosstrain.planner.search import LAYOUT_FLAGS as SEARCH_LAYOUT_FLAGS, search
 
 REQUIRED = ("id", "chip", "chips", "layers", "hidden", "heads", "ffn", "vocab", "seq_len", "metric", "value")
 METRICS = ("mfu", "tflops_per_chip_model", "tflops_per_chip_hw", "tokens_per_s_per_chip", "seqs_per_s", "step_time_s")
@@ -32,8 +32,7 @@ REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "selective",
                "offload": "offload", "full": "full"}
 # Source-stated settings without a column of their own, given per run in
 # published_cases_assumptions.csv with the source's words as the basis.
-LAYOUT_FLAGS = {"keep_gathered": bool, "gather_bytes": int, "reduce_bytes": int, "tp_comm_overlap": bool,
-                "flash": bool}
+LAYOUT_FLAGS = {**{k: type(getattr(Layout(), k)) for k in SEARCH_LAYOUT_FLAGS}, "flash": bool}
 
 
 @dataclass
