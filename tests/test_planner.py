@@ -126,29 +126,32 @@ def test_published_cases_in_sample_and_leave_one_group_out():
                                          "b200", "trn1", "trn2"}
     for case in result["cases"]:
         assert case["predicted"] > 0 and case["loso_predicted"] > 0 and case["group"]
-    # Measured on the shipped set (docs/planner.md): 10.0% in sample, 12.9% leave-one-group-out.
-    # Guards against regressions; the issue's 10% out-of-sample target is not met yet.
-    assert summary["median_abs_rel_error"] <= 0.11
-    assert summary["loso_median_abs_rel_error"] <= 0.14
+    # The issue's target: leave-one-group-out median |error| <= 10% (docs/planner.md has the
+    # measured values, 7.2% in sample and 9.7% out of sample).
+    assert summary["median_abs_rel_error"] <= 0.10
+    assert summary["loso_median_abs_rel_error"] <= 0.10
     # The shipped fitted constants are the fit on every group.
     assert summary["fitted_scales"] == {name: FAMILIES[name].fitted_scale for name in summary["fitted_scales"]}
+    assert summary["fitted_elementwise_passes"] == {
+        name: FAMILIES[name].elementwise_passes for name in summary["fitted_elementwise_passes"]}
     assert set(result["by_family"]) == {"gpu", "tpu", "trainium"}
 
 
 def test_leave_one_group_out_never_sees_the_group_it_predicts():
-    from crosstrain.planner.calibrate import fit_scales, leave_one_group_out
+    from crosstrain.planner.calibrate import fit_and_leave_one_group_out, fit_constants
     from crosstrain.planner.cases import prepare_case
 
     prepared = [prepare_case(r) for r in read_cases(shipped_cases_path())]
-    loso = leave_one_group_out(prepared)
+    everything, loso = fit_and_leave_one_group_out(prepared)
     held = "tpu-recipes"
     others = [p for p in prepared if p.group != held]
-    scales = fit_scales(others)
+    fitted = fit_constants(others)
     for p in prepared:
         if p.group == held:
-            assert loso[p.row["id"]] == pytest.approx(p.predict({p.family: scales[p.family]}))
-    # The held-out group pulls the in-sample fit: refitting without it moves the TPU constant.
-    assert fit_scales(prepared)["tpu"] != scales["tpu"]
+            assert loso[p.row["id"]] == pytest.approx(p.predict({p.family: fitted[p.family]}))
+    # The held-out group pulls the in-sample fit: refitting without it moves the TPU constants.
+    assert everything["tpu"] != fitted["tpu"]
+    assert everything == fit_constants(prepared)
 
 
 def test_cases_cli_json_and_chart(tmp_path, capsys):
@@ -302,3 +305,48 @@ def test_bad_source_setting_in_cases_file(tmp_path, capsys):
     assert main(["plan", "--cases", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "gather_bytes must be 1, 2 or 4" in err and err.count("\n") == 1
+
+
+def test_each_weight_matmul_is_judged_by_its_own_shape():
+    """Under wide tensor parallelism the attention projections get narrow (heads x head_dim / tp)
+    while the MLP stays wide: the layer's efficiency lies between the two, weighted by FLOPs, not
+    at the narrowest matmul's."""
+    from crosstrain.planner.model import _dense_shape_factor, _shape_factor
+
+    m = _afm_like(layers=32, hidden=4096, heads=32, ffn=14336)  # GQA: 8 key/value heads
+    half = 128
+    narrow = _shape_factor(32 * 128 / 32, half)  # the output projection's contraction at tp=32
+    wide = _shape_factor(14336 / 32, half)  # the MLP's width at tp=32
+    layer = _dense_shape_factor(m, 32, half)
+    assert narrow < layer < wide
+    assert layer > (narrow + wide) / 2  # the MLP is most of the FLOPs
+    assert _dense_shape_factor(m, 1, half) > layer  # no tensor parallelism: every matmul is wide
+
+
+def test_attention_without_flash_pays_for_its_scores_in_memory_traffic():
+    m = _afm_like(layers=4, hidden=2048, heads=16, ffn=8192)
+    chip = get_chip("a100-80gb")
+    lay = Layout(dp=8, microbatch=1, remat="none")
+    times = {}
+    for seq in (2048, 4096):
+        mm = ModelConfig(**{**m.__dict__, "seq_len": seq})
+        flash = estimate(mm, chip, lay, global_batch=8, flash=True)
+        plain = estimate(mm, chip, lay, global_batch=8, flash=False)
+        assert plain.time["memory_bound_s"] > flash.time["memory_bound_s"]
+        times[seq] = (plain.time["memory_bound_s"] - flash.time["memory_bound_s"]) / seq  # per token
+    # Score traffic per token grows with the sequence (heads x seq elements per token and layer).
+    assert times[4096] == pytest.approx(2 * times[2048], rel=1e-6)
+
+
+def test_a_measured_matmul_ceiling_replaces_the_family_value():
+    import dataclasses
+
+    m = _afm_like()
+    h100 = get_chip("h100-sxm")
+    assert 0.7 < h100.matmul_eff < 0.9 and "matmul" in h100.sources
+    lay = Layout(fsdp=8, microbatch=1, remat="full")
+    measured = estimate(m, h100, lay, global_batch=8)
+    unmeasured = estimate(m, dataclasses.replace(h100, matmul_eff=0.0), lay, global_batch=8)
+    ratio = h100.matmul_eff / FAMILIES["gpu"].matmul_eff
+    assert measured.time["matmul_efficiency"] == pytest.approx(unmeasured.time["matmul_efficiency"] * ratio)
+    assert CATALOG["tpu-v5p"].matmul_eff == 0.0  # no published measurement: the family's value

@@ -84,15 +84,16 @@ class Prepared:
     def family(self) -> str:
         return self.chip.family
 
-    def estimate(self, scales: Optional[dict[str, float]] = None) -> Estimate:
+    def estimate(self, fitted: Optional[dict[str, dict[str, float]]] = None) -> Estimate:
+        """With `fitted` (family -> its fitted constants), those replace the shipped ones."""
         fam = FAMILIES[self.chip.family]
-        if scales is not None:
-            fam = dataclasses.replace(fam, fitted_scale=scales.get(self.chip.family, 1.0))
+        if fitted is not None and self.chip.family in fitted:
+            fam = dataclasses.replace(fam, **fitted[self.chip.family])
         return estimate(self.m, self.chip, self.layout, global_batch=self.batch, glu=self.glu, family=fam,
                         compute_dtype=self.compute_dtype, power_cap_w=self.power_cap, flash=self.flash)
 
-    def predict(self, scales: Optional[dict[str, float]] = None) -> float:
-        return metric_value(self.row["metric"], self.estimate(scales), self.m, self.chip, self.chips, self.batch,
+    def predict(self, fitted: Optional[dict[str, dict[str, float]]] = None) -> float:
+        return metric_value(self.row["metric"], self.estimate(fitted), self.m, self.chip, self.chips, self.batch,
                             self.row, self.glu)
 
     @property
@@ -146,8 +147,8 @@ def predict_case(row: dict[str, str]) -> CaseResult:
     return result_of(prepare_case(row))
 
 
-def result_of(p: Prepared, scales: Optional[dict[str, float]] = None) -> CaseResult:
-    est = p.estimate(scales)
+def result_of(p: Prepared) -> CaseResult:
+    est = p.estimate()
     predicted = metric_value(p.row["metric"], est, p.m, p.chip, p.chips, p.batch, p.row, p.glu)
     actual = p.actual
     return CaseResult(
@@ -204,7 +205,9 @@ def prepare_case(row: dict[str, str]) -> Prepared:
         else:
             allowed = "true or false" if kind is bool else "1, 2 or 4 (bytes per element)"
             raise UserError(f"--cases: row {row['id']}: {key} must be {allowed}, got '{value}'")
-    if "interleaved" in (row.get("notes") or "").lower():
+    if _int(row, "virtual_stages"):
+        fixed["virtual_stages"] = _int(row, "virtual_stages")
+    elif "interleaved" in (row.get("notes") or "").lower():
         fixed["virtual_stages"] = 2
     batch = _int(row, "global_batch_seqs")
     if batch is None:
@@ -287,12 +290,12 @@ def evaluate_cases(path: Path) -> dict[str, Any]:
     """Each published row predicted twice: with the shipped constants (in-sample: the fitted ones
     were fitted on every group) and leave-one-group-out (the fitted constants refitted on the other
     groups only; crosstrain/planner/calibrate.py)."""
-    from crosstrain.planner.calibrate import fit_scales, leave_one_group_out
+    from crosstrain.planner.calibrate import fit_and_leave_one_group_out
 
     rows = read_cases(path)
     prepared = [prepare_case(r) for r in rows]
     results = [result_of(p) for p in prepared]
-    loso = leave_one_group_out(prepared)
+    fitted, loso = fit_and_leave_one_group_out(prepared)
     for r, p in zip(results, prepared):
         r.loso_predicted = loso[p.row["id"]]
         r.loso_rel_error = (r.loso_predicted - r.actual) / r.actual
@@ -322,7 +325,8 @@ def evaluate_cases(path: Path) -> dict[str, Any]:
             "worst": results[worst].id,
             **_summary(loso_errors, "loso_"),
             "loso_worst": results[loso_worst].id,
-            "fitted_scales": fit_scales(prepared),
+            "fitted_scales": {fam: c["fitted_scale"] for fam, c in fitted.items()},
+            "fitted_elementwise_passes": {fam: c["elementwise_passes"] for fam, c in fitted.items()},
         },
         "by_family": breakdown(lambda r: r.family),
         "by_chip": breakdown(lambda r: r.chip),

@@ -25,7 +25,8 @@ tp x pp x fsdp (moments also over dp with ZeRO-1); saved activations by remat po
 microbatches a 1F1B pipeline keeps in flight; the fp32 logits and their gradient; the gathered
 layer of FSDP; a per-family runtime reserve.
 
-The constants are per chip family, never per case, and each is documented in FAMILIES.
+The constants are per chip family (a chip's own measured matmul ceiling where the catalog has one),
+never per case, and each is documented in FAMILIES.
 
 Over 400 lines on purpose: one model, whose memory and time terms share the layout arithmetic
 and the family constants; the constants' sources are written beside them.
@@ -47,13 +48,14 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class Family:
-    """Efficiency constants shared by every chip of a family (measured or published, not fitted
-    to single runs)."""
+    """Efficiency constants shared by every chip of a family: measured or published, except the two
+    marked FITTED (fitted to the family's published runs, never to a single run)."""
 
     name: str
-    # Fraction of dense peak that large bf16 matmuls reach. TPU MXUs run large matmuls at ~90% of
-    # peak (MaxText reports up to 71% MFU end to end on v5p); cuBLAS reaches ~80% of A100 peak and
-    # ~70% of H100 SXM peak on large shapes; Neuron's compiler reports ~85% on Trainium matmuls.
+    # Fraction of dense peak that large bf16 matmuls reach, where the chip has no measured value
+    # of its own (Chip.matmul_eff: the GPUs' maximum achievable matmul FLOPS). TPU MXUs run large
+    # matmuls at ~90% of peak (MaxText reports up to 71% MFU end to end on v5p); Neuron's
+    # compiler reports ~85% on Trainium matmuls.
     matmul_eff: float
     # Matmul width (per device) at which efficiency halves: small tensor-parallel shards and short
     # microbatches leave the systolic arrays / tensor cores underfed.
@@ -72,9 +74,9 @@ class Family:
     # reach: below GEMMs because of softmax and masking work between the matmuls
     # (FlashAttention-2 reports 35-50% of H100 peak in training; Splash on TPU does better).
     attn_eff: float
-    # Passes over activations that elementwise work makes, relative to a fully fused program:
-    # XLA fuses norms, RoPE, SwiGLU and residual adds into few kernels (1.0); PyTorch frameworks
-    # launch more, smaller kernels even under torch.compile.
+    # FITTED (with fitted_scale, planner/calibrate.py): passes over activations that the
+    # software's elementwise work makes, relative to one fully fused pass. Nothing here measures
+    # it; it was a guess (XLA 1.0, PyTorch frameworks 2.5) until it was fitted.
     elementwise_passes: float
     # Memory the runtime keeps for itself per device (GiB), and the fraction of HBM usable.
     reserved_gib: float
@@ -84,23 +86,23 @@ class Family:
     # collectives into ICI and DCN phases). False: a flat ring whose every hop may be the slow
     # link (NCCL across nodes, each GPU with its own NIC).
     hierarchical: bool = False
-    # FITTED, the one fitted constant per family: the fraction of the modelled compute rate
-    # (matmul and attention efficiency above) that published training software reaches, fitted to
-    # the published runs of the family (crosstrain/planner/calibrate.py) and judged by
-    # leave-one-group-out cross-validation (`plan --cases`, docs/planner.md). 1.0: not fitted.
+    # FITTED: the fraction of the modelled compute rate (matmul and attention efficiency above)
+    # that published training software reaches, fitted with elementwise_passes to the published
+    # runs of the family (crosstrain/planner/calibrate.py) and judged by leave-one-group-out
+    # cross-validation (`plan --cases`, docs/planner.md). 1.0: not fitted.
     fitted_scale: float = 1.0
 
 
 FAMILIES: dict[str, Family] = {
     "tpu": Family("tpu", matmul_eff=0.90, width_half=96, overlap=0.9, tp_overlap=0.25, link_eff=0.8,
-                  causal_skip=True, attn_eff=0.6, elementwise_passes=1.0, reserved_gib=0.5, usable=0.97,
-                  hierarchical=True, fitted_scale=0.86),
+                  causal_skip=True, attn_eff=0.6, elementwise_passes=2.0, reserved_gib=0.5, usable=0.97,
+                  hierarchical=True, fitted_scale=0.90),
     "gpu": Family("gpu", matmul_eff=0.75, width_half=160, overlap=0.8, tp_overlap=0.0, link_eff=0.75,
-                  causal_skip=True, attn_eff=0.4, elementwise_passes=2.5, reserved_gib=2.0, usable=0.92,
-                  fitted_scale=1.00),
+                  causal_skip=True, attn_eff=0.4, elementwise_passes=1.5, reserved_gib=2.0, usable=0.92,
+                  fitted_scale=0.85),
     "trainium": Family("trainium", matmul_eff=0.85, width_half=128, overlap=0.7, tp_overlap=0.0, link_eff=0.7,
                        causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.95,
-                       fitted_scale=0.80),
+                       fitted_scale=0.63),
     "cpu": Family("cpu", matmul_eff=0.85, width_half=64, overlap=0.0, tp_overlap=0.0, link_eff=1.0,
                   causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.8),
 }
@@ -168,6 +170,23 @@ class Estimate:
 
 def _shape_factor(width: float, half: int) -> float:
     return width / (width + half)
+
+
+def _dense_shape_factor(m: ModelConfig, tp: int, half: float, glu: bool = True) -> float:
+    """Efficiency of a layer's weight matmuls from their shapes under tensor parallelism: each
+    matmul is limited by its narrower weight dimension per device (the output width of the column-
+    parallel q/k/v and MLP up projections, the contraction of the row-parallel output and down
+    projections), and the layer's time is the sum of its matmuls' times (a FLOP-weighted harmonic
+    mean)."""
+    hd = m.head_dim
+    shapes = [  # (FLOPs weight = in x out, narrower dimension per device)
+        (m.hidden * (m.heads + 2 * m.kv_heads) * hd / tp, min(m.hidden, (m.heads + 2 * m.kv_heads) * hd / tp)),
+        (m.heads * hd / tp * m.hidden, min(m.heads * hd / tp, m.hidden)),
+        ((2 if glu else 1) * m.hidden * m.ffn / tp, min(m.hidden, m.ffn / tp)),
+        (m.ffn / tp * m.hidden, min(m.ffn / tp, m.hidden)),
+    ]
+    total = sum(w for w, _ in shapes)
+    return total / sum(w / _shape_factor(n, half) for w, n in shapes)
 
 
 def layer_params(m: ModelConfig, glu: bool = True) -> float:
@@ -329,11 +348,10 @@ def estimate(
     micro = min(lay.microbatch, ranks_batch)
     n_micro = max(1, int(round(ranks_batch / micro)))
     micro_tokens = micro * seq / lay.cp  # tokens per device per microbatch
-    width = min(m.ffn / lay.tp, m.heads * m.head_dim / lay.tp, m.hidden)
     # The width at which matmuls reach half their efficiency grows with the systolic array: TPU
     # v6e has 256x256 MXUs where v4/v5e/v5p have 128x128 (cloud.google.com/tpu/docs/v6e).
     half = fam.width_half * (chip.mxu / 128 if chip.mxu else 1)
-    eff = fam.matmul_eff * _shape_factor(width, half) * _shape_factor(micro_tokens, half)
+    eff = (chip.matmul_eff or fam.matmul_eff) * _dense_shape_factor(m, lay.tp, half, glu) * _shape_factor(micro_tokens, half)
     # The busiest pipeline stage: its share of the layers, plus the output projection (last stage).
     per_device = tokens_step / (D / lay.pp)
     t_compute = per_device * (
@@ -344,10 +362,16 @@ def estimate(
     # ---- memory-bound work ------------------------------------------------------------------
     h_div = lay.tp if (lay.sequence_parallel and lay.tp > 1) else 1
     elem_per_token_layer = BF16 * 3 * (10 * m.hidden / h_div + 10 * (m.heads + 2 * m.kv_heads) * m.head_dim / lay.tp + (4 if glu else 2) * m.ffn / lay.tp)
-    if not flash:
-        elem_per_token_layer += 3 * m.heads * (seq / lay.cp) * (2 * FP32 + 2 * BF16) / lay.tp
     elem_per_token_layer *= 1.0 + recompute_dense / 3.0
     elem_per_token_layer *= fam.elementwise_passes
+    if not flash:
+        # Attention without a flash kernel writes the scores to memory and reads them back: per
+        # score element, the forward writes S, a fused softmax reads S and writes P, the weighted
+        # sum reads P (8 bytes in bf16); the backward writes dP, reads P and dP and writes dS, and
+        # three matmuls read dS twice and P once (14 bytes). The forward is repeated when
+        # attention is recomputed. One fused softmax kernel per pass (Megatron's
+        # scaled_masked_softmax, an XLA fusion), so no extra passes.
+        elem_per_token_layer += m.heads * (seq / lay.cp) * (22 + 8 * recompute_attn) / lay.tp
     tokens_device = tokens_step / (lay.ranks * lay.cp)
     layers_stage = m.layers / lay.pp
     params_total = total_params(m, glu)

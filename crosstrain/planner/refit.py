@@ -1,23 +1,22 @@
-"""`python -m crosstrain.planner.refit`: fit the planner's per-family scales again on the shipped
-published runs (planner/data/published_cases.csv), from the unfitted model, and print them (the
-values `planner/model.py` ships). The fitting itself is planner/calibrate.py's."""
+"""`python -m crosstrain.planner.refit`: fit the planner's per-family constants again on the
+shipped published runs (planner/data/published_cases.csv), from the unfitted model, and print them
+(the values `planner/model.py` ships). The fitting itself is planner/calibrate.py's."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from crosstrain.planner.calibrate import fit_scales
+from crosstrain.planner.calibrate import UNFITTED, fit_constants
 from crosstrain.planner.cases import prepare_case, read_cases, shipped_cases_path
 from crosstrain.planner.model import FAMILIES
 
 
 def main() -> int:
-    # Fit from the unfitted model (every scale 1.0), as the shipped values were.
-    unfitted = {k: dataclasses.replace(v, fitted_scale=1.0) for k, v in FAMILIES.items()}
-    FAMILIES.update(unfitted)
+    # Fit from the unfitted model (scale 1.0, one elementwise pass), as the shipped values were.
+    FAMILIES.update({k: dataclasses.replace(v, **UNFITTED) for k, v in FAMILIES.items()})
     prepared = [prepare_case(r) for r in read_cases(shipped_cases_path())]
-    for fam, scale in fit_scales(prepared).items():
-        print(f"{fam}: fitted_scale={scale}")
+    for fam, constants in fit_constants(prepared).items():
+        print(f"{fam}: " + ", ".join(f"{k}={v}" for k, v in constants.items()))
     return 0
 
 

@@ -156,7 +156,8 @@ def cases_table(result: dict[str, Any]) -> str:
         f"{100 * s['loso_p80_abs_rel_error']:.1f}%, worst {100 * s['max_abs_rel_error']:.1f}% ({s['worst']}) / "
         f"{100 * s['loso_max_abs_rel_error']:.1f}% ({s['loso_worst']}))"
     )
-    out.append("fitted scales: " + ", ".join(f"{k} {v:.2f}" for k, v in s["fitted_scales"].items()))
+    out.append("fitted scales: " + ", ".join(f"{k} {v:.2f}" for k, v in s["fitted_scales"].items())
+               + "; elementwise passes: " + ", ".join(f"{k} {v:.1f}" for k, v in s["fitted_elementwise_passes"].items()))
     for key in ("by_family", "by_chip", "by_scale", "by_group"):
         out.append(f"{key.replace('_', ' ')}: " + "; ".join(
             f"{name} n={v['count']} speed {100 * v['median_speed_error']:+.0f}% |err| {100 * v['median_abs_rel_error']:.0f}% "
