@@ -69,12 +69,14 @@ def main() -> int:
                      **{k: aot.get(k) for k in ("topology", "attention", "fits", "memory_per_chip_gib",
                                                  "planner_memory_per_chip_gib", "planner_rel_error", "planner_step_time_s",
                                                  "planner_compute_s", "xla_estimated_step_s", "xla_estimate_basis",
-                                                 "xla_required_gib", "compile_s")},
+                                                 "xla_elementwise_gb_per_layer", "planner_one_pass_gb_per_layer",
+                                                 "xla_elementwise_passes", "xla_required_gib", "compile_s")},
                      "wall_s": time.perf_counter() - t0})
         r = rows[-1]
         print(f"    {r['topology']}: XLA {r['memory_per_chip_gib'] or r['xla_required_gib']} GiB vs planner "
               f"{r['planner_memory_per_chip_gib']:.2f}; XLA time {r['xla_estimated_step_s']} s vs planner compute "
-              f"{r['planner_compute_s']:.3f} s, step {r['planner_step_time_s']:.3f} s", file=sys.stderr, flush=True)
+              f"{r['planner_compute_s']:.3f} s, step {r['planner_step_time_s']:.3f} s; elementwise passes "
+              f"{r['xla_elementwise_passes']}", file=sys.stderr, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.is_file() and args.only else {"rows": []}

@@ -217,6 +217,9 @@ def test_aot_tpu_memory_agrees_with_the_planner(remat, capsys):
     # small minor dimensions (a [6, 64] slice pads to (8, 128) tiles), 6% for nano.
     nano = load_config("nano").model
     assert aot["parameter_and_optimizer_gib"] * 2**30 == pytest.approx(total_params(nano) * 12 / 4, rel=0.10)
+    # XLA's elementwise traffic per layer, from the unrolled 1- and 2-layer programs' HLO, is some
+    # passes of the planner's fused count (reference attention's scores included in both).
+    assert aot["xla_elementwise_gb_per_layer"] > 0 and 0.5 < aot["xla_elementwise_passes"] < 4
 
 
 @pytest.mark.slow
@@ -350,3 +353,60 @@ def test_a_measured_matmul_ceiling_replaces_the_family_value():
     ratio = h100.matmul_eff / FAMILIES["gpu"].matmul_eff
     assert measured.time["matmul_efficiency"] == pytest.approx(unmeasured.time["matmul_efficiency"] * ratio)
     assert CATALOG["tpu-v5p"].matmul_eff == 0.0  # no published measurement: the family's value
+
+
+def test_elementwise_traffic_counted_from_optimized_hlo():
+    """The entry computation's elementwise/reduction fusions and copies read their operands and
+    write their results; matmul fusions, custom calls (Splash) and parameters move nothing here.
+    Attributes may span lines (kernel metadata) without ending the computation."""
+    from crosstrain.planner.aot import elementwise_bytes
+
+    hlo = "\n".join([
+        "%fused_computation.1 (p: bf16[4,8]) -> bf16[4,8] {",
+        "  %p = bf16[4,8]{1,0} parameter(0)",
+        "  ROOT %n = bf16[4,8]{1,0} negate(%p)",
+        "}",
+        "",
+        "ENTRY %main (a: bf16[4,8], b: f32[8,16]) -> (bf16[4,16], f32[4]) {",
+        "  %a = bf16[4,8]{1,0} parameter(0)",
+        "  %b = f32[8,16]{1,0} parameter(1)",
+        "  %fusion.1 = bf16[4,8]{1,0:T(8,128)(2,1)} fusion(%a), kind=kLoop, calls=%fused_computation.1",
+        "  %fusion.2 = bf16[4,16]{1,0} fusion(%fusion.1, %b), kind=kOutput, calls=%fused_computation.2",
+        "  %custom-call.1 = (f32[4]{0}, bf16[4,16]{1,0}) custom-call(%fusion.2), custom_call_target=\"tpu_custom_call\", "
+        "frontend_attributes={kernel_metadata={",
+        "\"xprof_metadata\":\"{}\"",
+        "}}, metadata={op_name=\"splash\"}",
+        "  %gte = f32[4]{0} get-tuple-element(%custom-call.1), index=0",
+        "  %fusion.3 = f32[4]{0} fusion(%gte, %b), kind=kInput, calls=%fused_computation.3",
+        "  %copy.1 = bf16[4,16]{0,1} copy(%fusion.2)",
+        "  ROOT %t = (bf16[4,16]{1,0}, f32[4]{0}) tuple(%copy.1, %fusion.3)",
+        "}",
+    ])
+    loop = 2 * (4 * 8) * 2  # negate: read a, write the result
+    reduce = 4 * 4 + 4 * 4 + 8 * 16 * 4  # read the custom call's f32[4] and b, write f32[4]
+    copy = 2 * (4 * 16) * 2
+    assert elementwise_bytes(hlo) == loop + reduce + copy
+
+
+def test_crosstrain_tpu_plans_use_the_passes_measured_from_its_hlo():
+    """crosstrain's own TPU step is priced with the elementwise passes measured from its compiled
+    HLO; published software (and other chips) keep the family's fitted passes."""
+    import dataclasses
+
+    from crosstrain.planner.model import CROSSTRAIN_TPU_ELEMENTWISE_PASSES
+
+    m = _afm_like(layers=4)
+    chip = get_chip("tpu-v5p")
+    passes = CROSSTRAIN_TPU_ELEMENTWISE_PASSES
+    for remat in ("none", "selective", "full"):
+        lay = Layout(fsdp=8, microbatch=1, remat=remat, sequence_parallel=False)
+        own = estimate(m, chip, lay, global_batch=8, flash=True, implementation="crosstrain")
+        as_measured = estimate(m, chip, lay, global_batch=8, flash=True,
+                               family=dataclasses.replace(FAMILIES["tpu"], elementwise_passes=passes))
+        published = estimate(m, chip, lay, global_batch=8, flash=True)
+        assert own.time["memory_bound_s"] == pytest.approx(as_measured.time["memory_bound_s"])
+        assert (own.time["memory_bound_s"] < published.time["memory_bound_s"]) == (passes < FAMILIES["tpu"].elementwise_passes)
+    gpu = get_chip("h100-sxm")
+    lay = Layout(fsdp=8, microbatch=1, remat="none", sequence_parallel=False)
+    assert estimate(m, gpu, lay, global_batch=8, flash=True, implementation="crosstrain").time["memory_bound_s"] == \
+        pytest.approx(estimate(m, gpu, lay, global_batch=8, flash=True).time["memory_bound_s"])

@@ -114,6 +114,41 @@ def _analysis(compiled) -> dict[str, float]:
             "flops": float(cost.get("flops", 0.0)), "seconds": float(cost.get("optimal_seconds", 0.0))}
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z\-]+)\((.*)$")
+
+
+def _array_bytes(text: str) -> int:
+    """Bytes of every array type in `text` (a tuple type sums its elements)."""
+    return sum(_DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _ARRAY.findall(text))
+
+
+def elementwise_bytes(hlo_text: str) -> float:
+    """HBM bytes that the entry computation of an optimized HLO module moves outside its matmuls:
+    each elementwise or reduction fusion (kind kLoop / kInput) and each layout copy reads its
+    operands and writes its result. Matmul fusions (kOutput), custom calls (Splash) and
+    collectives are left out; so are while loops' bodies (compile unrolled programs)."""
+    lines = hlo_text.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
+    size: dict[str, int] = {}
+    total = 0
+    for line in lines[start + 1:]:
+        if line.rstrip() == "}":
+            break
+        found = _INSTRUCTION.match(line)
+        if not found:
+            continue
+        name, kind, op, rest = found.groups()
+        size[name] = _array_bytes(kind)
+        moves = op == "copy" or (op == "fusion" and re.search(r"kind=k(Loop|Input)\b", rest) is not None)
+        if moves:
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+            total += size[name] + sum(size.get(o, 0) for o in operands)
+    return float(total)
+
+
 def _program(cfg: Config, *, layers: int, remat: str, batch: int, microbatches: int, mesh: dict[str, int],
              scan: bool = True) -> Config:
     return cfg.override(model={"layers": layers, "remat": remat, "scan_layers": scan},
@@ -129,7 +164,7 @@ def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: in
     XLA's time estimate (seconds each, even at 1024 chips)."""
     import jax
 
-    from crosstrain.planner.model import Layout, estimate
+    from crosstrain.planner.model import Layout, elementwise_bytes_per_token_layer, estimate
 
     if not available():
         raise UserError("--aot: libtpu is not installed (pip install 'crosstrain[tpu]')")
@@ -213,11 +248,17 @@ def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: in
         # optimal_seconds counts each while body once: scale a layer's share from 1- and 2-layer
         # programs of one microbatch, then multiply out.
         # Unrolled layers, one microbatch: no while loop, so every op is counted.
-        one = _analysis(_compile(_program(cfg, layers=1, remat=remat, batch=micro * ranks, microbatches=1,
-                                          mesh=mesh, scan=False), devices)[0])
-        two = _analysis(_compile(_program(cfg, layers=2, remat=remat, batch=micro * ranks, microbatches=1,
-                                          mesh=mesh, scan=False), devices)[0])
+        one, two = (_compile(_program(cfg, layers=n, remat=remat, batch=micro * ranks, microbatches=1,
+                                      mesh=mesh, scan=False), devices)[0] for n in (1, 2))
+        moved = (elementwise_bytes(two.as_text()) - elementwise_bytes(one.as_text())) * cores
+        one, two = _analysis(one), _analysis(two)
         result["xla_layer_flops_per_chip"] = two["flops"] - one["flops"]
+        # XLA's elementwise traffic per layer and microbatch against the planner's one fused pass.
+        one_pass = elementwise_bytes_per_token_layer(model, lay, flash=flash, implementation="crosstrain") \
+            * micro * cores * cfg.model.seq_len
+        result["xla_elementwise_gb_per_layer"] = moved / 1e9
+        result["planner_one_pass_gb_per_layer"] = one_pass / 1e9
+        result["xla_elementwise_passes"] = moved / one_pass
         per_layer = max(two["seconds"] - one["seconds"], 0.0)
         rest = max(one["seconds"] - per_layer, 0.0)
         result["xla_estimated_step_s"] = n_micro * (per_layer * L + rest)

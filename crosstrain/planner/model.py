@@ -210,6 +210,40 @@ def recomputed_dense_fraction(m: ModelConfig, remat: str, glu: bool = True) -> f
     return 0.0
 
 
+def recomputed_attention_fraction(remat: str, *, flash: bool, implementation: str = "efficient") -> float:
+    """Fraction of the attention forward recomputed in the backward pass. Attention is recomputed
+    under full remat and offload, and under selective (Megatron's definition: recompute the
+    attention core) except in crosstrain's step with Splash, whose selective policy keeps the
+    kernel's residuals; "attention" and "dots" keep its output."""
+    if remat in ("full", "offload") or (remat == "selective" and not (flash and implementation == "crosstrain")):
+        return 1.0
+    if remat == "mlp" and not flash:
+        return 0.5  # the attention output is kept; the scores (QK^T, softmax) are not
+    return 0.0
+
+
+def elementwise_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool, glu: bool = True,
+                                      passes: float = 1.0, implementation: str = "efficient") -> float:
+    """HBM bytes per token and layer that the elementwise work moves (per device): norms, residual
+    adds, QK-norm and RoPE, the SwiGLU product, forward and backward (3 passes' worth of bf16
+    reads and writes per element), once more for what is recomputed, times `passes` (1.0: one
+    fully fused pass); plus, without a flash kernel, the attention scores."""
+    h_div = lay.tp if (lay.sequence_parallel and lay.tp > 1) else 1
+    base = BF16 * 3 * (10 * m.hidden / h_div + 10 * (m.heads + 2 * m.kv_heads) * m.head_dim / lay.tp
+                       + (4 if glu else 2) * m.ffn / lay.tp)
+    base *= (1.0 + recomputed_dense_fraction(m, lay.remat, glu) / 3.0) * passes
+    if flash:
+        return base
+    # Attention without a flash kernel writes the scores to memory and reads them back: per score
+    # element, the forward writes S, a fused softmax reads S and writes P, the weighted sum reads P
+    # (8 bytes in bf16); the backward writes dP, reads P and dP and writes dS, and three matmuls
+    # read dS twice and P once (14 bytes). The forward is repeated when attention is recomputed.
+    # One fused softmax kernel per pass (Megatron's scaled_masked_softmax, an XLA fusion), so no
+    # extra passes.
+    recompute_attn = recomputed_attention_fraction(lay.remat, flash=flash, implementation=implementation)
+    return base + m.heads * (m.seq_len / lay.cp) * (22 + 8 * recompute_attn) / lay.tp
+
+
 def total_params(m: ModelConfig, glu: bool = True) -> float:
     return param_count(m, glu=glu)
 
@@ -224,6 +258,13 @@ CROSSTRAIN_SCORE_BYTES = 6.3
 # With Splash attention (no scores kept), XLA's TPU memory analysis of AFM-on-device's step with
 # nothing recomputed (v5p, 8 chips, 4 x 4096 tokens per chip) keeps 3.7 bytes per element.
 CROSSTRAIN_FLASH_NONE_BYTES_PER_ELEMENT = 3.7
+# The HBM traffic of crosstrain's compiled TPU step outside its matmuls: XLA's elementwise and
+# reduction fusions and layout copies, summed from the optimized HLO of unrolled 1- and 2-layer
+# programs (`plan --aot` reports it as xla_elementwise_passes), per layer, relative to the one
+# fully fused pass of elementwise_bytes_per_token_layer. The median over benchmarks/aot_sweep.py's
+# nine programs (v4/v5e/v5p/v6e, 8-1024 chips, four policies): 1.07, six of them within
+# 1.00-1.15; the 8-chip plan 1.30, tp=4 1.25, the two-slice v4 program 2.01 (docs/planner.md).
+CROSSTRAIN_TPU_ELEMENTWISE_PASSES = 1.07
 
 
 def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool, glu: bool = True,
@@ -321,13 +362,7 @@ def estimate(
     recompute_dense = recomputed_dense_fraction(m, lay.remat, glu)
     # forward, backward (2x), recomputed forward
     dense_per_token = (3.0 + recompute_dense) * dense_fwd
-    # Attention is recomputed under full remat and offload, and under selective (Megatron's
-    # definition: recompute the attention core) except in crosstrain's step with Splash, whose
-    # selective policy keeps the kernel's residuals; "attention" and "dots" keep its output.
-    recompute_attn = 1.0 if lay.remat in ("full", "offload") or (
-        lay.remat == "selective" and not (flash and implementation == "crosstrain")) else 0.0
-    if lay.remat == "mlp" and not flash:
-        recompute_attn = 0.5  # the attention output is kept; the scores (QK^T, softmax) are not
+    recompute_attn = recomputed_attention_fraction(lay.remat, flash=flash, implementation=implementation)
     attn_per_token = (3.0 + recompute_attn) * attn_fwd
     head_per_token = 3.0 * 2.0 * m.hidden * m.vocab
     hw_flops = (dense_per_token + attn_per_token + head_per_token) * tokens_step
@@ -360,18 +395,12 @@ def estimate(
     )
 
     # ---- memory-bound work ------------------------------------------------------------------
-    h_div = lay.tp if (lay.sequence_parallel and lay.tp > 1) else 1
-    elem_per_token_layer = BF16 * 3 * (10 * m.hidden / h_div + 10 * (m.heads + 2 * m.kv_heads) * m.head_dim / lay.tp + (4 if glu else 2) * m.ffn / lay.tp)
-    elem_per_token_layer *= 1.0 + recompute_dense / 3.0
-    elem_per_token_layer *= fam.elementwise_passes
-    if not flash:
-        # Attention without a flash kernel writes the scores to memory and reads them back: per
-        # score element, the forward writes S, a fused softmax reads S and writes P, the weighted
-        # sum reads P (8 bytes in bf16); the backward writes dP, reads P and dP and writes dS, and
-        # three matmuls read dS twice and P once (14 bytes). The forward is repeated when
-        # attention is recomputed. One fused softmax kernel per pass (Megatron's
-        # scaled_masked_softmax, an XLA fusion), so no extra passes.
-        elem_per_token_layer += m.heads * (seq / lay.cp) * (22 + 8 * recompute_attn) / lay.tp
+    # crosstrain's own TPU program: the passes XLA's compiled HLO makes (measured, below);
+    # everything else: the family's fitted passes of published software.
+    passes = (CROSSTRAIN_TPU_ELEMENTWISE_PASSES if implementation == "crosstrain" and chip.family == "tpu"
+              else fam.elementwise_passes)
+    elem_per_token_layer = elementwise_bytes_per_token_layer(m, lay, flash=flash, glu=glu, passes=passes,
+                                                             implementation=implementation)
     tokens_device = tokens_step / (lay.ranks * lay.cp)
     layers_stage = m.layers / lay.pp
     params_total = total_params(m, glu)

@@ -54,6 +54,10 @@ def plan_table(r: dict[str, Any]) -> str:
         if a.get("xla_estimated_step_s"):
             lines.append(f"  XLA's step estimate {a['xla_estimated_step_s']:.3f} s vs planner {a['planner_step_time_s']:.3f} s "
                          f"(compute {a['planner_compute_s']:.3f} s); {a['attention_note']}")
+        if a.get("xla_elementwise_passes"):
+            lines.append(f"  XLA's elementwise traffic {a['xla_elementwise_gb_per_layer']:.2f} GB per layer and microbatch "
+                         f"vs the planner's one fused pass {a['planner_one_pass_gb_per_layer']:.2f} GB: "
+                         f"{a['xla_elementwise_passes']:.2f} passes")
     return "\n".join(lines)
 
 
