@@ -152,7 +152,13 @@ def test_the_afm_on_device_stages_share_the_core_model():
     for stage in (continued, context):
         assert {k: stage["model"][k] for k in shape} == {k: core["model"][k] for k in shape}
     assert (continued["model"]["seq_len"], context["model"]["seq_len"]) == (8192, 32768)
-    assert context["model"]["rope_base"] == 6315089 and "mesh" not in continued and "mesh" not in context
+    assert context["model"]["rope_base"] == 6315089
+    # No stage pins a mesh axis: each device's mesh rule lays it out (full FSDP on TPU).
+    for stage in (core, continued, context):
+        assert set(stage.get("mesh") or {}) <= {"rule"}
+    assert {a: getattr(load_config("afm-on-device-3b").mesh, a) for a in ("data", "fsdp", "tensor")} \
+        == {"data": -1, "fsdp": 1, "tensor": 1}  # the defaults, until a rule fills them in
+    assert not {"mesh.data", "mesh.fsdp", "mesh.tensor"} & load_config("afm-server-core").explicit
 
 
 @pytest.mark.parametrize(

@@ -190,8 +190,9 @@ def test_mesh_rules_fill_only_what_is_unsaid():
     cfg, _ = apply_mesh_rule(load_config("tiny"), trn2)
     assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (1, -1, 4)
     v5e = [fake_device("tpu", "TPU v5 lite")] * 8
-    cfg, _ = apply_mesh_rule(load_config("tiny"), v5e)
-    assert cfg.model.remat == "full"
+    cfg, rule = apply_mesh_rule(load_config("tiny"), v5e)
+    # A rule lays out the mesh only; recomputation stays remat=auto's to decide from memory.
+    assert rule.name == "tpu-v5e" and (cfg.mesh.data, cfg.mesh.fsdp) == (1, -1) and cfg.model.remat == "auto"
     cfg, _ = apply_mesh_rule(load_config("tiny", ["model.remat=selective", "mesh.tensor=2"]), v5e)
     assert cfg.model.remat == "selective" and cfg.mesh.tensor == 2 and cfg.mesh.fsdp == -1
 

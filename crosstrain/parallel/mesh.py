@@ -118,8 +118,9 @@ def build_mesh(shape: MeshShape, devices: Sequence[jax.Device] | None = None) ->
 
 # --------------------------------------------------------------------------------------------
 # Mesh rules: the default layout per chip, chosen from the device kind (or by name with
-# mesh.rule=NAME). A rule fills in only the mesh axes and settings that the preset and --set
-# leave unsaid, so an explicit mesh always wins.
+# mesh.rule=NAME). A rule fills in only the mesh axes that the preset and --set leave unsaid, so
+# an explicit mesh always wins. Recomputation is not a rule's: model.remat=auto picks the least
+# that fits the planned memory on the mesh the rule chose (crosstrain/resolve.py).
 
 
 @dataclass(frozen=True)
@@ -129,26 +130,27 @@ class MeshRule:
     data: int
     fsdp: int
     tensor: int
-    overrides: tuple[str, ...]
     why: str
 
 
 MESH_RULES: tuple[MeshRule, ...] = (
-    MeshRule("tpu-v4", r"^tpu:TPU v4", 1, -1, 1, (),
+    MeshRule("tpu-v4", r"^tpu:TPU v4", 1, -1, 1,
              "3D-torus ICI (600 GB/s per chip) makes the all-gathers of full FSDP cheap; no tensor parallelism needed below ~100B"),
-    MeshRule("tpu-v5p", r"^tpu:TPU v5p?$|^tpu:TPU v5p", 1, -1, 1, (),
+    MeshRule("tpu-v5p", r"^tpu:TPU v5p?$|^tpu:TPU v5p", 1, -1, 1,
              "95 GiB and 1.2 TB/s ICI per chip: full FSDP over the slice, as MaxText and AXLearn run v5p"),
-    MeshRule("tpu-v5e", r"^tpu:TPU v5 ?(lite|e)", 1, -1, 1, ("model.remat=full",),
-             "only 16 GB HBM per chip: shard everything over the 2D torus and recompute activations"),
-    MeshRule("tpu-v6e", r"^tpu:TPU v6", 1, -1, 1, ("model.remat=full",),
-             "32 GB HBM against 918 TFLOP/s: full FSDP and full recomputation keep large batches in memory"),
-    MeshRule("trn1", r"(?i)trn1|trainium1?$|NC_v2", 1, -1, 2, (),
+    MeshRule("tpu-v5e", r"^tpu:TPU v5 ?(lite|e)", 1, -1, 1,
+             "only 16 GB HBM per chip: shard everything over the 2D torus (model.remat=auto then picks the "
+             "least recomputation that fits)"),
+    MeshRule("tpu-v6e", r"^tpu:TPU v6", 1, -1, 1,
+             "32 GB HBM against 918 TFLOP/s: full FSDP over the slice (model.remat=auto then picks the least "
+             "recomputation that fits)"),
+    MeshRule("trn1", r"(?i)trn1|trainium1?$|NC_v2", 1, -1, 2,
              "tensor parallelism over the 2 NeuronCores of a chip (on-chip bandwidth), FSDP across chips over NeuronLink"),
-    MeshRule("trn2", r"(?i)trn2|trainium2|NC_v3", 1, -1, 4, (),
+    MeshRule("trn2", r"(?i)trn2|trainium2|NC_v3", 1, -1, 4,
              "tensor parallelism over a chip's 4 logical NeuronCores (LNC=2), FSDP across chips on the NeuronLink torus"),
-    MeshRule("gpu", r"^gpu:.*(A100|H100|H200|B200)", -1, 8, 1, (),
+    MeshRule("gpu", r"^gpu:.*(A100|H100|H200|B200)", -1, 8, 1,
              "FSDP inside an 8-GPU NVLink node, data parallelism across nodes so only gradients cross InfiniBand/EFA"),
-    MeshRule("cpu", r"^cpu:", -1, 1, 1, (),
+    MeshRule("cpu", r"^cpu:", -1, 1, 1,
              "host devices share one memory: plain data parallelism"),
 )
 
@@ -173,7 +175,7 @@ def select_rule(name: str, device) -> MeshRule | None:
 
 
 def apply_mesh_rule(cfg: Config, devices: Sequence[jax.Device]) -> tuple[Config, MeshRule | None]:
-    """The config with the selected rule's mesh axes and overrides filled in where unset."""
+    """The config with the selected rule's mesh axes filled in where unset."""
     rule = select_rule(cfg.mesh.rule, devices[0])
     if rule is None:
         return cfg, None
@@ -195,5 +197,4 @@ def apply_mesh_rule(cfg: Config, devices: Sequence[jax.Device]) -> tuple[Config,
         else:
             sizes[axis] = math.gcd(want, remaining)  # fewer devices than the rule wants: shrink
             remaining //= sizes[axis]
-    overrides = [o for o in rule.overrides if o.split("=", 1)[0] not in cfg.explicit]
-    return cfg.override(*overrides, mesh=sizes), rule
+    return cfg.override(mesh=sizes), rule
