@@ -7,11 +7,12 @@ layout copies, ran the output projection's dots over a transposed [tokens, vocab
 transposed the big operand of every weight gradient. These custom VJPs give the same values and gradients (the tests
 compare them with plain autodiff):
 
-- `qkv_projection`: q, k and v as one GEMM, one weight-gradient GEMM for all three;
+- `qkv_projection`: q, k and v as one GEMM, one weight-gradient GEMM for all three (on a CPU,
+  with `copy_transposes`, one per weight: concatenating the three gradients cost more there);
 - `linear`: one projection (the attention output's), its weight gradient from a row-major x^T;
 - `causal_gqa_attention`: batched GEMMs over (batch, kv head), causal query blocks;
 - `swiglu_mlp`: the whole SwiGLU MLP, gate and up as one GEMM; the backward is multiplies and
-  adds in the activations' natural layout, and GEMMs;
+  adds in the activations' natural layout, and GEMMs (per half on a CPU, likewise);
 - `output_cross_entropy`: fp32 per-token loss of h @ W for targets, with the backward's two dots
   oriented so the large [tokens, vocab] matrix is never transposed (dW comes from h^T @ e,
   transposing only the small h).
@@ -158,6 +159,16 @@ def _mlp_bwd(copy, res, dy):
     s32 = jax.nn.sigmoid(g32)
     du = da * g32 * s32
     dg = da * u32 * s32 * (1.0 + g32 * (1.0 - s32))
+    if copy:
+        # The CPU form (dot_transposes=copy): each half's gradients through GEMMs of their own. On a
+        # CPU, concatenating the two [N, F] halves costs more than the narrower GEMMs save
+        # (docs/performance.md); XLA's TPU program keeps the one wide GEMM.
+        dg, du = dg.astype(cdt), du.astype(cdt)
+        ht = transpose_copy(h, copy)
+        dh = (lax.dot_general(dg, w_gu[:, :f], _NT, preferred_element_type=jnp.float32)
+              + lax.dot_general(du, w_gu[:, f:], _NT, preferred_element_type=jnp.float32))
+        return (dh.astype(cdt), _mm(ht, dg).astype(w_gu.dtype), _mm(ht, du).astype(w_gu.dtype),
+                d_down.astype(w_down.dtype))
     dgu = jnp.concatenate([dg, du], axis=1).astype(cdt)  # [N, 2F]
     d_gu = _mm(transpose_copy(h, copy), dgu)  # [D, 2F]
     dh = lax.dot_general(dgu, w_gu, _NT, preferred_element_type=jnp.float32)
@@ -188,6 +199,14 @@ def _qkv_fwd(x, wq, wk, wv, copy):
 
 def _qkv_bwd(copy, res, grads):
     x, w, mq, mk = res
+    if copy:
+        # The CPU form: q, k and v's gradients through GEMMs of their own rather than concatenated
+        # into one [N, Mq + Mk + Mv] operand first (docs/performance.md).
+        xt = transpose_copy(x, copy)
+        gs = [g.astype(x.dtype) for g in grads]
+        ws = (w[:, :mq], w[:, mq : mq + mk], w[:, mq + mk :])
+        dx = sum(lax.dot_general(g, wi, _NT, preferred_element_type=jnp.float32) for g, wi in zip(gs, ws))
+        return (dx.astype(x.dtype), *(_mm(xt, g).astype(w.dtype) for g in gs))
     dy = jnp.concatenate([g.astype(x.dtype) for g in grads], axis=1)  # [N, Mq + Mk + Mv]
     dx = lax.dot_general(dy, w, _NT, preferred_element_type=jnp.float32)
     dw = _mm(transpose_copy(x, copy), dy)  # one [D, N] @ [N, M] for all three weights
