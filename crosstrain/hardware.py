@@ -64,9 +64,17 @@ class Chip:
 
 # Maximum achievable matmul FLOPS (BF16, no sparsity) measured by scanning large GEMM shapes,
 # as a fraction of the datasheet peak.
-MAMF_SOURCE = ("stas00/ml-engineering compute/accelerator/README.md, 'Maximum Achievable Matmul FLOPS "
-               "comparison table' (mamf-finder.py)")
-MAMF = {"a100": 267.9 / 312, "h100": 792.1 / 989, "b200": 1745.0 / 2250}
+_MAMF = {"a100": ("A100 SXM", 267.9, 312.0), "h100": ("H100 SXM", 792.1, 989.0), "b200": ("B200 SXM", 1745.0, 2250.0)}
+
+
+def _mamf(gpu: str) -> float:
+    return _MAMF[gpu][1] / _MAMF[gpu][2]
+
+
+def _mamf_source(gpu: str, note: str = "") -> str:
+    name, measured, peak = _MAMF[gpu]
+    return (f"stas00/ml-engineering compute/accelerator/README.md, 'Maximum Achievable Matmul FLOPS comparison "
+            f"table' (mamf-finder.py): {name} {measured} of {peak:.0f} TFLOPS ({100 * measured / peak:.1f}%){note}")
 
 _TPU_PRICES = "cloud.google.com/tpu/pricing, on-demand per chip-hour (2025 list prices; they change, override with --price)"
 
@@ -150,9 +158,9 @@ CATALOG: dict[str, Chip] = {
         Chip(
             "a100-40gb", "NVIDIA A100 SXM 40GB", (r"A100.*40GB",), {"bf16": 312.0, "fp32": 19.5},
             hbm_gib=40e9 / GIB, hbm_gbps=1555, link_gbps=300, link_domain=8, scaleout_gbps=25.0,
-            power_w=400, price_per_hour=32.77 / 8, family="gpu", matmul_eff=MAMF["a100"],
+            power_w=400, price_per_hour=32.77 / 8, family="gpu", matmul_eff=_mamf("a100"),
             sources={
-                "matmul": MAMF_SOURCE + ": A100 SXM 267.9 of 312 TFLOPS (85.9%)",
+                "matmul": _mamf_source("a100"),
                 "compute": "NVIDIA A100 datasheet: 312 TFLOPS dense BF16, 19.5 FP32, 40 GB HBM2 at 1555 GB/s",
                 "links": "NVLink 3: 600 GB/s bidirectional per GPU, 8 per HGX node; 200 Gbps HDR InfiniBand per GPU "
                          "(DGX A100)",
@@ -163,9 +171,9 @@ CATALOG: dict[str, Chip] = {
         Chip(
             "a100-80gb", "NVIDIA A100 SXM 80GB", (r"A100",), {"bf16": 312.0, "fp32": 19.5},
             hbm_gib=80e9 / GIB, hbm_gbps=2039, link_gbps=300, link_domain=8, scaleout_gbps=25.0,
-            power_w=400, price_per_hour=40.97 / 8, family="gpu", matmul_eff=MAMF["a100"],
+            power_w=400, price_per_hour=40.97 / 8, family="gpu", matmul_eff=_mamf("a100"),
             sources={
-                "matmul": MAMF_SOURCE + ": A100 SXM 267.9 of 312 TFLOPS (85.9%)",
+                "matmul": _mamf_source("a100"),
                 "compute": "NVIDIA A100 datasheet: 312 TFLOPS dense BF16, 19.5 FP32, 80 GB HBM2e at 2039 GB/s",
                 "links": "NVLink 3: 600 GB/s bidirectional per GPU, 8 per HGX node; 200 Gbps HDR InfiniBand per GPU "
                          "(DGX A100)",
@@ -177,9 +185,9 @@ CATALOG: dict[str, Chip] = {
             "h100-sxm", "NVIDIA H100 SXM 80GB", (r"H100 80GB HBM3", r"H100 SXM", r"^NVIDIA H100$"),
             {"bf16": 989.0, "fp32": 67.0, "fp8": 1979.0},
             hbm_gib=80e9 / GIB, hbm_gbps=3350, link_gbps=450, link_domain=8, scaleout_gbps=50.0,
-            power_w=700, price_per_hour=55.04 / 8, family="gpu", matmul_eff=MAMF["h100"],
+            power_w=700, price_per_hour=55.04 / 8, family="gpu", matmul_eff=_mamf("h100"),
             sources={
-                "matmul": MAMF_SOURCE + ": H100 SXM 792.1 of 989 TFLOPS (80.1%)",
+                "matmul": _mamf_source("h100"),
                 "compute": "NVIDIA H100 datasheet, SXM: 989 TFLOPS dense BF16, 1979 FP8, 67 FP32, 80 GB HBM3 at 3.35 TB/s",
                 "links": "NVLink 4: 900 GB/s bidirectional per GPU, 8 per HGX node; 400 Gbps NDR InfiniBand per GPU",
                 "power": "NVIDIA H100 SXM datasheet: up to 700 W",
@@ -189,10 +197,10 @@ CATALOG: dict[str, Chip] = {
         Chip(
             "h200", "NVIDIA H200 SXM 141GB", (r"H200",), {"bf16": 989.0, "fp32": 67.0, "fp8": 1979.0},
             hbm_gib=141e9 / GIB, hbm_gbps=4800, link_gbps=450, link_domain=8, scaleout_gbps=50.0,
-            power_w=700, price_per_hour=8.00, family="gpu", matmul_eff=MAMF["h100"],
+            power_w=700, price_per_hour=8.00, family="gpu", matmul_eff=_mamf("h100"),
             sources={
-                "matmul": MAMF_SOURCE + ": H100 SXM 792.1 of 989 TFLOPS (80.1%); the H200 has the same compute "
-                          "(the table's later H100/H200 row: 794.5, 80.3%)",
+                "matmul": _mamf_source("h100", "; the H200 has the same compute (the table's later H100/H200 "
+                                               "row: 794.5, 80.3%)"),
                 "compute": "NVIDIA H200 datasheet, SXM: 989 TFLOPS dense BF16, 141 GB HBM3e at 4.8 TB/s",
                 "links": "NVLink 4: 900 GB/s bidirectional per GPU, 8 per HGX node; 400 Gbps per GPU scale-out",
                 "power": "NVIDIA H200 SXM datasheet: up to 700 W",
@@ -202,9 +210,9 @@ CATALOG: dict[str, Chip] = {
         Chip(
             "b200", "NVIDIA B200 (HGX B200)", (r"B200",), {"bf16": 2250.0, "fp32": 75.0, "fp8": 4500.0},
             hbm_gib=180e9 / GIB, hbm_gbps=8000, link_gbps=900, link_domain=8, scaleout_gbps=50.0,
-            power_w=1000, price_per_hour=14.00, family="gpu", matmul_eff=MAMF["b200"],
+            power_w=1000, price_per_hour=14.00, family="gpu", matmul_eff=_mamf("b200"),
             sources={
-                "matmul": MAMF_SOURCE + ": B200 SXM 1745.0 of 2250 TFLOPS (77.6%)",
+                "matmul": _mamf_source("b200"),
                 "compute": "NVIDIA HGX B200 specifications, per GPU: 2.25 PFLOPS dense BF16, 4.5 FP8, 180 GB HBM3e at 8 TB/s",
                 "links": "NVLink 5: 1.8 TB/s bidirectional per GPU, 8 per HGX node; 400 Gbps per GPU scale-out",
                 "power": "NVIDIA HGX B200: 1000 W per GPU",

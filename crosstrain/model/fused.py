@@ -28,6 +28,8 @@ reads the compiled HLO to check that every dot of these rules stays in the fast 
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +122,27 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
+def _joined_backward(x: jax.Array, w: jax.Array, grads: list, copy: bool) -> tuple[jax.Array, list]:
+    """dx and each column block's dw (fp32) of x [N, D] @ w [D, M1 + M2 + ...] run as one GEMM,
+    from the blocks' cotangents `grads` [N, Mi] (brought to x's dtype here). Weight gradients are
+    x^T @ grad, transposing only the small x.
+
+    The CPU form (`copy`, dot_transposes=copy): each block through GEMMs of its own. On a CPU,
+    concatenating the blocks' gradients costs more than the narrower GEMMs save
+    (docs/performance.md); elsewhere (XLA's TPU program) they are joined into one wide GEMM."""
+    xt = transpose_copy(x, copy)
+    bounds = list(itertools.accumulate((g.shape[1] for g in grads), initial=0))
+    if copy:
+        gs = [g.astype(x.dtype) for g in grads]
+        dx = functools.reduce(operator.add, (lax.dot_general(g, w[:, a:b], _NT, preferred_element_type=jnp.float32)
+                                             for g, (a, b) in zip(gs, itertools.pairwise(bounds))))
+        return dx, [_mm(xt, g) for g in gs]
+    dy = jnp.concatenate(grads, axis=1).astype(x.dtype)  # [N, M1 + M2 + ...]
+    dx = lax.dot_general(dy, w, _NT, preferred_element_type=jnp.float32)
+    dw = _mm(xt, dy)  # one [D, N] @ [N, M] for every block
+    return dx, [dw[:, a:b] for a, b in itertools.pairwise(bounds)]
+
+
 def swiglu_mlp(h: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
                copy_transposes: bool = False) -> jax.Array:
     """(silu(h @ w_gate) * (h @ w_up)) @ w_down for h [N, D], all in h's dtype with fp32 accumulation.
@@ -159,21 +182,8 @@ def _mlp_bwd(copy, res, dy):
     s32 = jax.nn.sigmoid(g32)
     du = da * g32 * s32
     dg = da * u32 * s32 * (1.0 + g32 * (1.0 - s32))
-    if copy:
-        # The CPU form (dot_transposes=copy): each half's gradients through GEMMs of their own. On a
-        # CPU, concatenating the two [N, F] halves costs more than the narrower GEMMs save
-        # (docs/performance.md); XLA's TPU program keeps the one wide GEMM.
-        dg, du = dg.astype(cdt), du.astype(cdt)
-        ht = transpose_copy(h, copy)
-        dh = (lax.dot_general(dg, w_gu[:, :f], _NT, preferred_element_type=jnp.float32)
-              + lax.dot_general(du, w_gu[:, f:], _NT, preferred_element_type=jnp.float32))
-        return (dh.astype(cdt), _mm(ht, dg).astype(w_gu.dtype), _mm(ht, du).astype(w_gu.dtype),
-                d_down.astype(w_down.dtype))
-    dgu = jnp.concatenate([dg, du], axis=1).astype(cdt)  # [N, 2F]
-    d_gu = _mm(transpose_copy(h, copy), dgu)  # [D, 2F]
-    dh = lax.dot_general(dgu, w_gu, _NT, preferred_element_type=jnp.float32)
-    return (dh.astype(cdt), d_gu[:, :f].astype(w_gu.dtype), d_gu[:, f:].astype(w_gu.dtype),
-            d_down.astype(w_down.dtype))
+    dh, (d_g, d_u) = _joined_backward(h, w_gu, [dg, du], copy)
+    return dh.astype(cdt), d_g.astype(w_gu.dtype), d_u.astype(w_gu.dtype), d_down.astype(w_down.dtype)
 
 
 _swiglu_mlp.defvjp(_mlp_fwd, _mlp_bwd)
@@ -194,24 +204,13 @@ def _qkv_fwd(x, wq, wk, wv, copy):
     w = jnp.concatenate([wq, wk, wv], axis=1)
     y = _mm(x, w)
     mq, mk = wq.shape[1], wk.shape[1]
-    return (y[:, :mq], y[:, mq : mq + mk], y[:, mq + mk :]), (x, w, mq, mk)
+    return (y[:, :mq], y[:, mq : mq + mk], y[:, mq + mk :]), (x, w)
 
 
 def _qkv_bwd(copy, res, grads):
-    x, w, mq, mk = res
-    if copy:
-        # The CPU form: q, k and v's gradients through GEMMs of their own rather than concatenated
-        # into one [N, Mq + Mk + Mv] operand first (docs/performance.md).
-        xt = transpose_copy(x, copy)
-        gs = [g.astype(x.dtype) for g in grads]
-        ws = (w[:, :mq], w[:, mq : mq + mk], w[:, mq + mk :])
-        dx = sum(lax.dot_general(g, wi, _NT, preferred_element_type=jnp.float32) for g, wi in zip(gs, ws))
-        return (dx.astype(x.dtype), *(_mm(xt, g).astype(w.dtype) for g in gs))
-    dy = jnp.concatenate([g.astype(x.dtype) for g in grads], axis=1)  # [N, Mq + Mk + Mv]
-    dx = lax.dot_general(dy, w, _NT, preferred_element_type=jnp.float32)
-    dw = _mm(transpose_copy(x, copy), dy)  # one [D, N] @ [N, M] for all three weights
-    return (dx.astype(x.dtype), dw[:, :mq].astype(w.dtype), dw[:, mq : mq + mk].astype(w.dtype),
-            dw[:, mq + mk :].astype(w.dtype))
+    x, w = res
+    dx, dws = _joined_backward(x, w, [g.astype(x.dtype) for g in grads], copy)
+    return (dx.astype(x.dtype), *(d.astype(w.dtype) for d in dws))
 
 
 _qkv.defvjp(_qkv_fwd, _qkv_bwd)

@@ -197,15 +197,14 @@ def recomputed_dense_fraction(m: ModelConfig, remat: str, glu: bool = True) -> f
     """Fraction of the layers' weight-matmul forward recomputed in the backward pass."""
     if remat in ("full", "attention"):
         return 1.0
-    if remat == "mlp":
-        return (3 if glu else 2) * m.hidden * m.ffn / (m.hidden * (2 * m.heads + 2 * m.kv_heads) * m.head_dim
-                                                       + (3 if glu else 2) * m.hidden * m.ffn)
+    qkv = m.hidden * (m.heads + 2 * m.kv_heads) * m.head_dim
+    out = m.heads * m.head_dim * m.hidden
+    mlp = (3 if glu else 2) * m.hidden * m.ffn
+    if remat == "mlp":  # the MLP is recomputed
+        return mlp / (qkv + out + mlp)
     if remat == "offload":
         # q, k, v come back from host memory; the attention output projection and the MLP are
         # recomputed.
-        qkv = m.hidden * (m.heads + 2 * m.kv_heads) * m.head_dim
-        out = m.heads * m.head_dim * m.hidden
-        mlp = (3 if glu else 2) * m.hidden * m.ffn
         return (out + mlp) / (qkv + out + mlp)
     return 0.0
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from crosstrain.files import pyplot, save_figure
+from crosstrain.planner.cases import speed_ratio
 
 
 def _fmt(v: float, unit: str = "") -> str:
@@ -125,9 +126,7 @@ def cases_chart(result: dict[str, Any], path: Path) -> None:
             rows = [c for c in result["cases"] if c["family"] == family]
             if not rows:
                 continue
-            # Speed relative to the measurement: a step time's error is inverted so that > 1 always
-            # means the planner says faster than it went.
-            ratio = [1 / (1 + c[key]) if c["metric"] == "step_time_s" else 1 + c[key] for c in rows]
+            ratio = [speed_ratio(c["metric"], c[key]) for c in rows]
             ax.scatter([c["chips"] for c in rows], ratio, color=color, label=f"{family} ({len(rows)})", alpha=0.8)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axhspan(0.9, 1.1, color="grey", alpha=0.15, label="+-10%")
