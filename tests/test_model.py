@@ -12,6 +12,7 @@ from crosstrain.model import (
     forward,
     init_cache,
     init_params,
+    loss_fn,
     output_logits,
     param_axes,
     params_sha256,
@@ -71,6 +72,26 @@ def test_rms_norm_and_rope_match_numpy():
     got = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
     want = np.stack([reference.rope(x[b].astype(np.float64), pos, 10_000.0) for b in range(2)])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_tables_are_constants_when_positions_are_static():
+    """Static positions (training, evaluation) give numpy tables, equal to the traced ones, so a
+    step's program carries them as constants: no cos or sin is left for XLA to fuse into every
+    RoPE fusion and evaluate per element of q and k."""
+    pos = np.arange(300) + 7
+    cos, sin = rope_tables(pos, 64, 10_000.0)
+    assert isinstance(cos, np.ndarray) and cos.dtype == np.float32 and cos.shape == (300, 64)
+    tcos, tsin = rope_tables(jnp.asarray(pos), 64, 10_000.0)
+    np.testing.assert_allclose(cos, np.asarray(tcos), atol=2e-5)
+    np.testing.assert_allclose(sin, np.asarray(tsin), atol=2e-5)
+    cfg = fp32("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jnp.zeros((2, cfg.seq_len + 1), jnp.int32)
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss_fn(p, tokens, cfg)))(params))
+    assert " cos " not in grad_jaxpr and " sin " not in grad_jaxpr
+    decode = lambda p, c, pos: decoder(p, tokens[:, :1], cfg, start_pos=pos, cache=c)  # noqa: E731
+    decode_jaxpr = str(jax.make_jaxpr(decode)(params, init_cache(cfg, 2, 8), jnp.int32(3)))
+    assert " cos " in decode_jaxpr  # positions traced while decoding: tables computed in the program
 
 
 def test_rope_is_relative():

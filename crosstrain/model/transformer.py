@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from crosstrain.config import ModelConfig, dtype_of
@@ -33,13 +34,18 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables [len, head_dim] for rotate-half rotary embeddings."""
-    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    inv_freq = 1.0 / (base**exponent)
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+def rope_tables(positions, head_dim: int, base: float):
+    """cos and sin tables [len, head_dim] for rotate-half rotary embeddings, in fp32.
+
+    Positions given as a numpy array give numpy tables, which enter a jitted program as
+    constants: XLA CPU would otherwise fuse cos and sin of a computed table into every RoPE
+    fusion and evaluate them once per element of q and k, not once per table entry."""
+    xp = np if isinstance(positions, np.ndarray) else jnp
+    exponent = xp.arange(0, head_dim, 2, dtype=xp.float32) / xp.float32(head_dim)
+    inv_freq = xp.float32(1.0) / (xp.float32(base) ** exponent)
+    freqs = positions.astype(xp.float32)[:, None] * inv_freq[None, :]
+    emb = xp.concatenate([freqs, freqs], axis=-1)
+    return xp.cos(emb), xp.sin(emb)
 
 
 def _rotate_half(x: jax.Array, sign: float) -> jax.Array:
@@ -204,7 +210,10 @@ def decoder(
     x = constrain(x, ("batch", "length", "act_embed"))
     q_pos = start_pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     kv_pos = q_pos if cache is None else jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
-    cos, sin = rope_tables(q_pos, cfg.head_dim, cfg.rope_base)
+    if cache is None and isinstance(start_pos, int):  # static positions: constant tables
+        cos, sin = rope_tables(start_pos + np.arange(tokens.shape[1]), cfg.head_dim, cfg.rope_base)
+    else:
+        cos, sin = rope_tables(q_pos, cfg.head_dim, cfg.rope_base)
 
     def layer(x, p, kv):
         return _block(cfg, x, p, cos, sin, q_pos, kv_pos, kv, start_pos)
