@@ -78,6 +78,7 @@ def apply(
     total_steps: int,
     decay_mask: Any,
     schedule_step: jax.Array | None = None,
+    grad_norm: jax.Array | None = None,
 ) -> tuple[Any, OptState, UpdateStats]:
     """One optimizer step. Returns new params, new state and the step's statistics.
 
@@ -87,7 +88,7 @@ def apply(
     """
     count = state.count + 1
     t = count.astype(jnp.float32)
-    gnorm = global_norm(grads)
+    gnorm = global_norm(grads) if grad_norm is None else grad_norm
     if cfg.clip > 0:
         scale = cfg.clip / jnp.maximum(gnorm, cfg.clip)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32) * scale, grads)

@@ -86,19 +86,26 @@ def make_train_step(cfg: Config, teacher_cfg: Optional[ModelConfig] = None) -> C
             loss, true_loss = loss_sum / n_micro, true_sum / n_micro
             grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
         step = state.step + 1
-        params, opt, stats = optimizer.apply(
-            grads, state.opt, state.params, cfg=cfg.optim, total_steps=cfg.train.steps, decay_mask=mask,
-            schedule_step=step,
-        )
-        ok = jnp.isfinite(loss) & jnp.isfinite(stats.grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        params = keep(params, state.params)
-        opt = keep(opt, state.opt)
+        grad_norm = optimizer.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update():
+            params, opt, _ = optimizer.apply(
+                grads, state.opt, state.params, cfg=cfg.optim, total_steps=cfg.train.steps, decay_mask=mask,
+                schedule_step=step, grad_norm=grad_norm,
+            )
+            return params, opt
+
+        # A conditional rather than a select per element between new and old values: the select
+        # keeps the old parameters and moments alive beside the new ones, and XLA CPU then copies
+        # every moment before updating it (nano's optimizer alone: 35 -> 15 ms).
+        params, opt = jax.lax.cond(ok, update, lambda: (state.params, state.opt))
+        lr = optimizer.schedule_scale(step, cfg.optim, cfg.train.steps) * cfg.optim.lr
         rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)).astype(jnp.uint32)
         metrics = {
             "loss": true_loss,
-            "grad_norm": stats.grad_norm,
-            "lr": stats.lr,
+            "grad_norm": grad_norm,
+            "lr": lr,
             "skipped": (~ok).astype(jnp.int32),
         }
         if teacher_cfg is not None:
