@@ -37,17 +37,21 @@ PARTS = ("embed", "qkv", "qk_norm_rope", "attention", "attn_out_proj", "mlp", "f
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
-    """instruction name -> op_name metadata, for every instruction of the optimized HLO."""
+    """instruction name -> op_name metadata ("" where it has none: the copies and transposes
+    layout assignment inserts), for every instruction of the optimized HLO."""
     out: dict[str, str] = {}
-    pat = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
+    pat = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+\s+[\w\-]+\(")
     for line in hlo_text.splitlines():
         m = pat.match(line)
         if m:
-            out[m.group(1)] = m.group(2)
+            op = re.search(r'op_name="([^"]*)"', line)
+            out[m.group(1)] = op.group(1) if op else ""
     return out
 
 
 def part_of(op_name: str) -> str:
+    if not op_name:
+        return "unattributed (layout copies)"
     direction = "bwd" if "transpose(" in op_name else "fwd"
     # Scopes appear as path components or inside jvp(...) / transpose(...): the innermost wins.
     found = [(m.start(), p) for p in PARTS for m in re.finditer(rf"(?:^|[/(]){p}(?=[/)]|$)", op_name)]
