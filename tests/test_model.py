@@ -17,7 +17,7 @@ from crosstrain.model import (
     param_axes,
     params_sha256,
 )
-from crosstrain.model.transformer import apply_rope, rms_norm, rope_tables
+from crosstrain.model.transformer import ROPE_CONSTANT_MAX, apply_rope, rms_norm, rope_tables
 
 
 def fp32(name="tiny", *extra):
@@ -92,6 +92,9 @@ def test_rope_tables_are_constants_when_positions_are_static():
     decode = lambda p, c, pos: decoder(p, tokens[:, :1], cfg, start_pos=pos, cache=c)  # noqa: E731
     decode_jaxpr = str(jax.make_jaxpr(decode)(params, init_cache(cfg, 2, 8), jnp.int32(3)))
     assert " cos " in decode_jaxpr  # positions traced while decoding: tables computed in the program
+    long = fp32("tiny", f"model.seq_len={ROPE_CONSTANT_MAX // cfg.head_dim + 1}")
+    long_jaxpr = str(jax.make_jaxpr(lambda p, t: decoder(p, t, long)[0])(params, jnp.zeros((1, long.seq_len), jnp.int32)))
+    assert " cos " in long_jaxpr  # past ROPE_CONSTANT_MAX entries the tables are computed, not constants
 
 
 def test_rope_is_relative():

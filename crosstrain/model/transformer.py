@@ -48,6 +48,12 @@ def rope_tables(positions, head_dim: int, base: float):
     return xp.cos(emb), xp.sin(emb)
 
 
+# Static positions give constant tables up to this many entries each (4 MiB of fp32: 4096
+# positions of head_dim 256); longer ones, as in context-lengthening at 32k, are computed in the
+# program rather than carried as tens of MB of constants in every compiled step.
+ROPE_CONSTANT_MAX = 1 << 20
+
+
 def _rotate_half(x: jax.Array, sign: float) -> jax.Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-sign * x[..., half:], sign * x[..., :half]], axis=-1)
@@ -210,7 +216,7 @@ def decoder(
     x = constrain(x, ("batch", "length", "act_embed"))
     q_pos = start_pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     kv_pos = q_pos if cache is None else jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
-    if cache is None and isinstance(start_pos, int):  # static positions: constant tables
+    if cache is None and isinstance(start_pos, int) and tokens.shape[1] * cfg.head_dim <= ROPE_CONSTANT_MAX:
         cos, sin = rope_tables(start_pos + np.arange(tokens.shape[1]), cfg.head_dim, cfg.rope_base)
     else:
         cos, sin = rope_tables(q_pos, cfg.head_dim, cfg.rope_base)
