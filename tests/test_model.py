@@ -172,6 +172,20 @@ def test_params_sha256_is_stable_and_sensitive():
     assert params_sha256(bumped) != params_sha256(p)
 
 
+def test_mlp_result_dtype_per_form():
+    """The CPU form hands the residual add its fp32 result (no rounding pass); elsewhere the result
+    is in the operands' dtype, as XLA's TPU program has it."""
+    from crosstrain.model.fused import swiglu_mlp
+
+    rng = np.random.default_rng(0)
+    h, wg, wu = (jnp.asarray(rng.normal(size=s) * 0.3, jnp.bfloat16) for s in ((8, 16), (16, 24), (16, 24)))
+    wd = jnp.asarray(rng.normal(size=(24, 16)) * 0.3, jnp.bfloat16)
+    cpu = swiglu_mlp(h, wg, wu, wd, copy_transposes=True)
+    other = swiglu_mlp(h, wg, wu, wd, copy_transposes=False)
+    assert cpu.dtype == jnp.float32 and other.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(cpu), np.asarray(other.astype(jnp.float32)), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("copy", [False, True])
 def test_hand_written_gradients_equal_autodiff(copy):
     """Both ways of feeding transposed operands to the backward GEMMs (ModelConfig.dot_transposes)."""
