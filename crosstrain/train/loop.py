@@ -267,7 +267,7 @@ class Trainer:
             host_batch = next(self.batches)
             batch = global_batch_array(self.setup, host_batch)
             self.timer.waited(time.perf_counter() - w0)
-            self.profile.before_step(self.step + 1)
+            self.profile.before_step(self.step + 1, self.state)
             if self.teacher is None:
                 self.state, metrics = self.compiled(self.state, batch, jnp.int32(batch_index))
             else:

@@ -209,11 +209,12 @@ class ProfileWindow:
         self.out, self.first, self.count = out, first, count
         self.active = False
 
-    def before_step(self, step: int) -> None:
-        """`step` (1-based) is about to run."""
+    def before_step(self, step: int, state: Any = None) -> None:
+        """`step` (1-based) is about to run; `state` is the previous step's output."""
         if self.first and step == self.first and not self.active:
             import jax
 
+            jax.block_until_ready(state)  # nothing in flight: the trace holds whole steps
             self.out.mkdir(parents=True, exist_ok=True)
             jax.profiler.start_trace(str(self.out), create_perfetto_trace=True)
             self.active = True
