@@ -145,7 +145,8 @@ def _joined_backward(x: jax.Array, w: jax.Array, grads: list, copy: bool) -> tup
 
 def swiglu_mlp(h: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
                copy_transposes: bool = False) -> jax.Array:
-    """(silu(h @ w_gate) * (h @ w_up)) @ w_down for h [N, D], all in h's dtype with fp32 accumulation.
+    """(silu(h @ w_gate) * (h @ w_up)) @ w_down for h [N, D], operands in h's dtype with fp32
+    accumulation.
 
     The result is in h's dtype, or in fp32 in the CPU form (`copy_transposes`), where the
     residual add then takes it without a rounding pass (+2-3% for nano bf16, docs/performance.md).
