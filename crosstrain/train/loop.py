@@ -255,10 +255,15 @@ class Trainer:
         self.timer.restart()
         saved_at = time.perf_counter()
         pending = None
+        # No checkpoint is written while a profile trace runs: on XLA's CPU backend (jaxlib 0.10.2)
+        # a trace overlapping an asynchronous save crashed the process (SIGSEGV) about once in 40
+        # runs. A save that falls due inside the window waits for its end.
+        deferred = None
         while self.step < t.steps:
             if self.preemption.requested():
                 if pending is not None:
                     self._resolve(*pending)
+                self.profile.stop(self.state)
                 self.ckpt.save(self.step, self.state, self._meta(self.step), wait=True)
                 log.info("preempted (SIGTERM): saved step %d; run again to resume", self.step)
                 return True
@@ -267,6 +272,8 @@ class Trainer:
             host_batch = next(self.batches)
             batch = global_batch_array(self.setup, host_batch)
             self.timer.waited(time.perf_counter() - w0)
+            if self.profile.starts_at(self.step + 1):
+                self.ckpt.wait()  # no save in flight once the trace starts
             self.profile.before_step(self.step + 1, self.state)
             if self.teacher is None:
                 self.state, metrics = self.compiled(self.state, batch, jnp.int32(batch_index))
@@ -277,13 +284,13 @@ class Trainer:
             self.timer.dispatched()
             step = self.step
             if pending is not None and self._resolve(*pending):
-                pending = None
+                pending = deferred = None
                 continue  # rolled back: self.step and the data iterator were reset
             pending = (step, metrics)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 # Evaluation blocks: finish this step's record first so its time excludes eval.
                 if self._resolve(*pending):
-                    pending = None
+                    pending = deferred = None
                     continue
                 pending = None
                 self._evaluate(step)
@@ -291,9 +298,15 @@ class Trainer:
                 self.cfg.checkpoint.every_minutes
                 and time.perf_counter() - saved_at > 60 * self.cfg.checkpoint.every_minutes
             )
-            if due or step == t.steps:
+            if (due or deferred) and self.profile.active and step < t.steps:
+                if deferred is None:
+                    deferred = step
+                    log.info("checkpoint of step %d deferred to the end of the profile trace", step)
+            elif due or deferred or step == t.steps:
+                self.profile.stop(self.state)  # a window reaching past the last step ends here
                 self.ckpt.save(step, self.state, self._meta(step), wait=step == t.steps)
                 saved_at = time.perf_counter()
+                deferred = None
             self.ckpt.seal_pending()
             self.records.stepped()
         if pending is not None:

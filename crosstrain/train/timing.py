@@ -209,9 +209,13 @@ class ProfileWindow:
         self.out, self.first, self.count = out, first, count
         self.active = False
 
+    def starts_at(self, step: int) -> bool:
+        """Whether the trace starts before `step` runs."""
+        return bool(self.first) and step == self.first and not self.active
+
     def before_step(self, step: int, state: Any = None) -> None:
         """`step` (1-based) is about to run; `state` is the previous step's output."""
-        if self.first and step == self.first and not self.active:
+        if self.starts_at(step):
             import jax
 
             jax.block_until_ready(state)  # nothing in flight: the trace holds whole steps
