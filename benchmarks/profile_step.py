@@ -15,8 +15,8 @@ kernel kind (dot, fusion, copy, convert, ...), and the `--top` longest instructi
 Kernel time overstates a part's cost: XLA runs independent kernels at the same time, each then
 slower. So it also prints busy time: the wall time during which at least one kernel of a group
 ran (the union of their intervals), for the GEMMs outside attention, attention, the optimizer and
-the rest; and every GEMM shape's count, kernel time and achieved TFLOP/s, from the dot inside each
-YNNPACK fusion of the compiled HLO.
+the rest; and every GEMM shape's count, kernel time and achieved TFLOP/s, read from the dots of
+the compiled HLO (inside YNNPACK's fusions or standing alone).
 """
 
 from __future__ import annotations
