@@ -143,3 +143,33 @@ def test_a_step_committed_but_never_sealed_is_cleared_before_any_process_saves_a
     assert [(r["step"], r["loss"]) for r in got] == [(r["step"], r["loss"]) for r in want]
     assert json.loads((run / "summary.json").read_text())["params_sha256"] == sha
     assert (run / "checkpoints" / "24" / "manifest.json").is_file()
+
+
+def test_a_flag_raised_on_one_process_is_agreed_by_both(tmp_path):
+    """What one process decides from its own clock or signals (a time-based save, a SIGTERM) the
+    other learns at the same step: any_process over two real jax.distributed processes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = (
+        "import sys, jax\n"
+        f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id=int(sys.argv[1]))\n"
+        "from crosstrain.train.faults import any_process\n"
+        "me = int(sys.argv[1])\n"
+        "print('AGREED', any_process(me == 0, False, me == 1, True), any_process(me == 1))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=_env(JAX_PLATFORMS="cpu"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError("the processes hung")
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:]
+        assert "AGREED (True, False, True, True) (True,)" in out, out[-2000:]

@@ -50,9 +50,23 @@ class SpikeDetector:
         return list(self.losses)
 
 
+def any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, true if it is true on any process, in one all-gather for all of them (with one
+    process, the flags as they are). For what every process must decide at the same step: a
+    checkpoint is saved collectively, so one process saving alone would hang the others."""
+    import jax
+
+    if jax.process_count() == 1:
+        return tuple(bool(f) for f in flags)
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.asarray([int(bool(f)) for f in flags], np.int32))
+    return tuple(bool(x) for x in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0))
+
+
 class Preemption:
     """SIGTERM sets a flag the loop polls between steps; all processes must agree to stop at the
-    same step (saving is collective), so with several processes the flag is all-gathered."""
+    same step (saving is collective), so the loop agrees on it with `any_process`."""
 
     def __init__(self):
         self._flag = threading.Event()
@@ -67,13 +81,6 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
-    def requested(self) -> bool:
-        import jax
-
-        local = self._flag.is_set()
-        if jax.process_count() == 1:
-            return local
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray([int(local)], np.int32))
-        return bool(np.any(flags))
+    def signalled(self) -> bool:
+        """Whether this process received SIGTERM."""
+        return self._flag.is_set()

@@ -51,7 +51,7 @@ from crosstrain.runtime import (
     total_state_bytes,
 )
 from crosstrain.train.checkpoint import Checkpointer
-from crosstrain.train.faults import Preemption, SpikeDetector, TrainingHalted
+from crosstrain.train.faults import Preemption, SpikeDetector, TrainingHalted, any_process
 from crosstrain.train.metrics import Records, plot_losses, read_metrics
 from crosstrain.train.step import TrainState
 from crosstrain.train.timing import Goodput, ProfileWindow, StepTimer
@@ -259,8 +259,14 @@ class Trainer:
         # a trace overlapping an asynchronous save crashed the process (SIGSEGV) about once in 40
         # runs. A save that falls due inside the window waits for its end.
         deferred = None
+        minutes = self.cfg.checkpoint.every_minutes
         while self.step < t.steps:
-            if self.preemption.requested():
+            # Decisions every process must take at the same step, agreed in one all-gather: a
+            # SIGTERM seen by any process, and checkpoint.every_minutes by any process's clock.
+            preempted, overdue = any_process(
+                self.preemption.signalled(), bool(minutes) and time.perf_counter() - saved_at > 60 * minutes
+            )
+            if preempted:
                 if pending is not None:
                     self._resolve(*pending)
                 self.profile.stop(self.state)
@@ -294,10 +300,7 @@ class Trainer:
                     continue
                 pending = None
                 self._evaluate(step)
-            due = (t.checkpoint_every and step % t.checkpoint_every == 0) or (
-                self.cfg.checkpoint.every_minutes
-                and time.perf_counter() - saved_at > 60 * self.cfg.checkpoint.every_minutes
-            )
+            due = (t.checkpoint_every and step % t.checkpoint_every == 0) or overdue
             if (due or deferred) and self.profile.active and step < t.steps:
                 if deferred is None:
                     deferred = step
