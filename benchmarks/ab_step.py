@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crosstrain.platform import huge_pages_active, reexec_with_huge_pages, skip_absent_tpu  # noqa: E402
+from crosstrain.platform import huge_pages_active, reexec_with_huge_pages, skip_absent_accelerators  # noqa: E402
 
 if __name__ == "__main__":
     reexec_with_huge_pages(sys.argv)
-skip_absent_tpu()
+skip_absent_accelerators()
 
 
 def build(preset: str, sets: list[str]):

@@ -1,6 +1,7 @@
-"""Planner vs XLA on TPU: compile crosstrain's real step for TPU topologies with libtpu (no TPU
-needed) and put XLA's memory and time estimate beside the planner's, for a sweep of shapes and
-chip counts. Writes a JSON table and a PNG; docs/planner.md quotes the result.
+"""Planner vs XLA on TPU and GPU: compile crosstrain's real step for TPU topologies with libtpu and
+for NVIDIA GPU clusters with the CUDA plugin (no TPU or GPU needed) and put XLA's memory (and on
+TPU its time estimate) beside the planner's, for a sweep of shapes and chip counts. Writes a JSON
+table; docs/planner.md quotes the result.
 
     python benchmarks/aot_sweep.py [--out benchmarks/results/aot_sweep.json] [--quick]
 """
@@ -40,6 +41,13 @@ SWEEP = [
      {"tp": 1, "pp": 1, "dp": 2, "fsdp": 256, "cp": 1, "microbatch": 2}, "full"),
     ("afm-server-core, 256 v5p, tp 4, micro 4, full", "afm-server-core", [], "tpu-v5p", 256, 1,
      {"tp": 4, "pp": 1, "dp": 1, "fsdp": 64, "cp": 1, "microbatch": 4}, "full"),
+    ("afm-on-device-3b, 64 h100-sxm (searched plan)", "afm-on-device-3b", [], "h100-sxm", 64, 1, None, None),
+    ("afm-on-device-3b, 8 h200 (searched plan)", "afm-on-device-3b", [], "h200", 8, 1, None, None),
+    ("afm-on-device-3b, 1024 h100-sxm (searched plan)", "afm-on-device-3b", [], "h100-sxm", 1024, 1, None, None),
+    ("afm-on-device-3b, 64 b200, tp 2, micro 4, attention", "afm-on-device-3b", [], "b200", 64, 1,
+     {"tp": 2, "pp": 1, "dp": 1, "fsdp": 32, "cp": 1, "microbatch": 4}, "attention"),
+    ("afm-server-core, 256 h100-sxm (searched plan)", "afm-server-core", [], "h100-sxm", 256, 1, None, None),
+    ("afm-server-core, 256 b200 (searched plan)", "afm-server-core", [], "b200", 256, 1, None, None),
 ]
 
 
@@ -66,11 +74,12 @@ def main() -> int:
         rows.append({"label": label, "chip": chip, "chips": chips, "slices": slices,
                      "parallelism": planned["parallelism"], "remat": planned["remat"],
                      "plan_step_time_s": planned["step_time_s"], "plan_memory_per_chip_gib": planned["memory_per_chip_gib"],
-                     **{k: aot.get(k) for k in ("topology", "attention", "fits", "memory_per_chip_gib",
+                     **{k: aot.get(k) for k in ("platform", "topology", "attention", "fits", "memory_per_chip_gib",
                                                  "planner_memory_per_chip_gib", "planner_rel_error", "planner_step_time_s",
                                                  "planner_compute_s", "xla_estimated_step_s", "xla_estimate_basis",
                                                  "xla_elementwise_gb_per_layer", "planner_one_pass_gb_per_layer",
-                                                 "xla_elementwise_passes", "xla_required_gib", "compile_s")},
+                                                 "xla_elementwise_passes", "xla_required_gib", "compile_s",
+                                                 "involuntary_rematerializations", "compile_notes")},
                      "wall_s": time.perf_counter() - t0})
         r = rows[-1]
         print(f"    {r['topology']}: XLA {r['memory_per_chip_gib'] or r['xla_required_gib']} GiB vs planner "

@@ -10,7 +10,7 @@ machines; `summary.json` records what each choice became under `resolved`.
 |---|---|---|---|---|
 | attention | splash if head_dim % 128 == 0 and seq_len % 128 == 0, else reference | cudnn (bf16/fp16, head_dim % 8 == 0 and <= 128), else reference | fused | reference |
 | activation_dtype | compute dtype | compute dtype | float32 | compute dtype |
-| dot_transposes | fold | fold | copy | fold |
+| dot_transposes | fold | fold | copy (fold when the mesh shards weights over both fsdp and tensor) | fold |
 | kernel_mode | compiled | interpret | interpret | interpret |
 | compute_dtype | bfloat16 | bfloat16 | the faster GEMMs on this CPU (measured, cached) | bfloat16 |
 | remat | the least recomputation whose planned memory fits (none, selective, attention, full) |||  |
@@ -129,7 +129,7 @@ def _remat(m: ModelConfig, devices, attention: str, mesh_sizes: Optional[dict[st
         return "none", "memory of this device unknown: nothing recomputed"
     data = mesh_sizes.get("slice", 1) * mesh_sizes.get("data", 1)
     for policy in REMAT_ORDER:
-        need = planned_bytes(m, remat=policy, flash=attention == "splash", tensor=mesh_sizes.get("tensor", 1),
+        need = planned_bytes(m, remat=policy, flash=attention in ("splash", "cudnn"), tensor=mesh_sizes.get("tensor", 1),
                              fsdp=mesh_sizes.get("fsdp", 1), data=data, micro_per_rank=micro_per_rank, chip=chip)
         if need <= capacity:
             return policy, f"the least recomputation that fits: {need / 2**30:.1f} of {capacity / 2**30:.1f} GiB planned"
@@ -159,6 +159,20 @@ def _compute_dtype(m: ModelConfig, platform: str) -> tuple[str, str]:
     return "bfloat16", f"{platform}: bf16 matrix units"
 
 
+def _dot_transposes(m: ModelConfig, platform: str, mesh_sizes: Optional[dict[str, int]]) -> tuple[str, str]:
+    if m.dot_transposes != "auto":
+        return m.dot_transposes, "as configured"
+    if platform != "cpu":
+        return "fold", f"{platform}: transposes folded into the GEMMs by the compiler"
+    sizes = mesh_sizes or {}
+    if sizes.get("fsdp", 1) > 1 and sizes.get("tensor", 1) > 1:
+        # The CPU form pins its operands row-major through a flattened copy, which cannot carry a
+        # weight sharded two ways: the SPMD partitioner would replicate it (an involuntary full
+        # rematerialization). Such meshes on a CPU exist to test sharding, not for speed.
+        return "fold", "CPU, but the mesh shards weights over fsdp and tensor: the sharded form"
+    return "copy", "CPU: row-major copies keep bf16 GEMMs on XLA CPU's fast path"
+
+
 def resolve_model(m: ModelConfig, devices: Sequence[Any], *, mesh_sizes: Optional[dict[str, int]] = None,
                   micro_per_rank: Optional[int] = None) -> tuple[ModelConfig, Resolved]:
     """`m` with every `auto` decided for `devices`, and the record of what each became.
@@ -172,9 +186,7 @@ def resolve_model(m: ModelConfig, devices: Sequence[Any], *, mesh_sizes: Optiona
     activation = m.activation_dtype
     if activation == "auto":
         activation = "float32" if platform == "cpu" else m.compute_dtype
-    transposes = m.dot_transposes
-    if transposes == "auto":
-        transposes = "copy" if platform == "cpu" else "fold"
+    transposes, why_transposes = _dot_transposes(m, platform, mesh_sizes)
     kernel_mode = m.kernel_mode
     if kernel_mode == "auto":
         kernel_mode = "compiled" if platform == "tpu" else "interpret"
@@ -186,7 +198,7 @@ def resolve_model(m: ModelConfig, devices: Sequence[Any], *, mesh_sizes: Optiona
                         dot_transposes=transposes, compute_dtype=m.compute_dtype, remat=remat,
                         kernel_mode=kernel_mode,
                         why=(f"compute_dtype={compute}: {why_compute}", f"attention={attention}: {why_attn}",
-                             f"remat={remat}: {why_remat}"))
+                             f"dot_transposes={transposes}: {why_transposes}", f"remat={remat}: {why_remat}"))
     model = dataclasses.replace(m, attention=attention, activation_dtype=activation, dot_transposes=transposes,
                                 remat=remat, kernel_mode=kernel_mode)
     return model, resolved

@@ -90,6 +90,38 @@ def test_sharded_gradients_match_single_device():
             assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5, mesh
 
 
+def _partitioner_rematerializations(mesh, extra=()):
+    """What the SPMD partitioner had to replicate while compiling the tiny bf16 train step on
+    `mesh` (data, fsdp, tensor), read from XLA's log as `plan --aot` reads it."""
+    from crosstrain.parallel.compile_log import watch_compiler
+    from crosstrain.runtime import abstract_train_state, compile_train_step
+
+    data, fsdp, tensor = mesh
+    cfg = load_config("tiny", ["model.compute_dtype=bfloat16", f"mesh.data={data}", f"mesh.fsdp={fsdp}",
+                               f"mesh.tensor={tensor}", *extra])
+    setup = make_setup(cfg, jax.devices()[: data * fsdp * tensor])
+    with activate(setup.mesh), watch_compiler(echo=False) as log:
+        compile_train_step(setup.cfg, setup, abstract_train_state(setup))
+    return setup, log.rematerializations
+
+
+@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 4, 2), (4, 1, 2), (1, 8, 1)])
+def test_sharded_steps_compile_without_involuntary_rematerialization(mesh):
+    """The README's tensor-parallel example once made the partitioner replicate 8 tensors (the
+    output loss's gather and scatter of embedding rows, the CPU form's row-major copies of
+    weights sharded two ways)."""
+    _, remats = _partitioner_rematerializations(mesh)
+    assert remats == []
+
+
+def test_the_partitioner_watch_sees_a_rematerialization():
+    """The check above can fail: the CPU form's flattened row-major copies, forced onto weights
+    sharded over fsdp and tensor, make the partitioner replicate them, and the watch sees it."""
+    setup, remats = _partitioner_rematerializations((2, 2, 2), ["model.dot_transposes=copy"])
+    assert setup.resolved.dot_transposes == "copy"
+    assert remats and all("f32" in r or "bf16" in r for r in remats), remats
+
+
 def test_gradient_accumulation_under_sharding(single):
     losses, params = run_steps((2, 2, 2), extra=["train.microbatches=2"])
     np.testing.assert_allclose(losses, single[0], rtol=1e-5)

@@ -168,6 +168,16 @@ def test_aot_compiles_a_multislice_v4_topology(capsys):
     assert abs(aot["planner_rel_error"]) <= 0.25
 
 
+@pytest.mark.slow
+@needs_libtpu
+def test_tensor_parallel_tpu_step_partitions_without_replicating(capsys):
+    assert main(["plan", "--preset", "nano", "--chip", "tpu-v5p", "--chips", "8", "--set", "train.batch=16",
+                 "--parallelism", "tp=2,pp=1,dp=1,fsdp=4,cp=1", "--remat", "selective", "--aot", "--json"]) == 0
+    aot = json.loads(capsys.readouterr().out)["aot"]
+    assert aot["platform"] == "tpu" and aot["mesh"] == {"slice": 1, "data": 1, "fsdp": 4, "tensor": 2}
+    assert aot["involuntary_rematerializations"] == 0, aot["rematerialized"]
+
+
 @needs_libtpu
 def test_aot_refuses_bad_topologies_and_kernels_with_one_line(capsys):
     assert main(["plan", "--preset", "nano", "--chip", "tpu-v5p", "--chips", "12", "--aot"]) == 2

@@ -33,6 +33,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 SPLASH_LANES = 128  # Splash needs head_dim and its blocks in multiples of the TPU's 128 lanes
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the sequence is used
@@ -64,8 +65,35 @@ def xla_attention(q, k, v, *, q_pos, kv_pos, copy_transposes=False, interpret=Fa
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
 
-def cudnn_attention(q, k, v, *, q_pos, kv_pos, copy_transposes=False, interpret=False):
+def _cudnn_flash(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+@jax.custom_vjp
+def _cudnn_named(q, k, v):
+    return _cudnn_flash(q, k, v)
+
+
+def _cudnn_named_fwd(q, k, v):
+    # cuDNN's own rule keeps q, k, v, its output and the softmax statistics for the backward, but
+    # under no name, so a remat policy that saves by name (selective, attention) would run the
+    # whole attention forward again in the backward. Named as Splash names its residuals, they are
+    # kept like Splash's: the same policies mean the same recomputation on GPU as on TPU.
+    out, backward = jax.vjp(_cudnn_flash, q, k, v)
+    leaves, tree = jax.tree.flatten(backward)
+    leaves = [checkpoint_name(x, ATTENTION_RESIDUALS) if isinstance(x, jax.Array) else x for x in leaves]
+    return out, jax.tree.unflatten(tree, leaves)
+
+
+def _cudnn_named_bwd(backward, dout):
+    return backward(dout)
+
+
+_cudnn_named.defvjp(_cudnn_named_fwd, _cudnn_named_bwd)
+
+
+def cudnn_attention(q, k, v, *, q_pos, kv_pos, copy_transposes=False, interpret=False):
+    return _cudnn_named(q, k, v)
 
 
 def splash_block(seq_len: int) -> int | None:

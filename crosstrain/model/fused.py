@@ -68,7 +68,9 @@ def output_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, *, tied
     The forward keeps exp(logits - max) in the compute dtype and its fp32 row sums z; the backward
     never touches the [N, V] matrix except as a GEMM operand: the softmax normalisation and the
     incoming per-token cotangent are row scalings, applied to the small operand or the [N, D]
-    result, and the one-hot part of (softmax - onehot) is a gather / scatter-add of N rows."""
+    result. The one-hot part of (softmax - onehot) is, in the CPU form (`copy_transposes`), a
+    gather / scatter-add of N rows; elsewhere it is folded into the saved matrix in the forward's
+    exp fusion, which a sharded program partitions without moving the embedding."""
     return _output_ce(h, w, targets, tied, copy_transposes)
 
 
@@ -87,12 +89,19 @@ def _output_ce_fwd(h, w, targets, tied, copy):
         # made XLA keep 3 GiB more per chip (AFM-on-device, 1024 v5p), so it is not used there.
         e = jnp.exp(logits - m[:, None]).astype(h.dtype)
         z = jnp.sum(e.astype(jnp.float32), axis=-1)
-    else:
-        e32 = jnp.exp(logits - m[:, None])
-        z = jnp.sum(e32, axis=-1)
-        e = e32.astype(h.dtype)
-    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    return m + jnp.log(z) - picked, (h, w, targets, e, z)
+        picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+        return m + jnp.log(z) - picked, (h, w, targets, e, z)
+    # The sharded form (TPU, GPU, meshes that shard weights two ways): the one-hot part is
+    # folded into the saved [N, V] matrix, g = e - z onehot = z (softmax - onehot), in the same
+    # fusion as the exp. No gather of embedding rows by target and no scatter-add into dW: with
+    # the batch sharded over fsdp and the embedding's width too, the SPMD partitioner could lay
+    # neither out and replicated them (an "involuntary full rematerialization").
+    e32 = jnp.exp(logits - m[:, None])
+    z = jnp.sum(e32, axis=-1)
+    onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype)[None, :] == targets[:, None]
+    picked = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    g = (e32 - jnp.where(onehot, z[:, None], 0.0)).astype(h.dtype)
+    return m + jnp.log(z) - picked, (h, w, targets, g, z)
 
 
 def _output_ce_bwd(tied, copy, res, dloss):
@@ -102,6 +111,14 @@ def _output_ce_bwd(tied, copy, res, dloss):
     r = dloss / z
     h32 = h.astype(f32)
     hs = (h32 * r[:, None]).astype(h.dtype)  # the row scaling of e, moved onto h for dW
+    if not copy:  # e holds e - z onehot already (the sharded form above): two GEMMs, nothing else
+        if tied:  # w [V, D]
+            dh = jnp.dot(e, w, preferred_element_type=f32) * r[:, None]
+            dw = _mm(hs.T, e).T
+        else:  # w [D, V]
+            dh = lax.dot_general(e, w, _NT, preferred_element_type=f32) * r[:, None]
+            dw = _mm(hs.T, e)
+        return dh.astype(h.dtype), dw.astype(w.dtype), None
     picked_h = -(h32 * dloss[:, None])  # the one-hot rows of dW
     if tied:  # w [V, D]
         dh = jnp.dot(e, w, preferred_element_type=f32) * r[:, None] - dloss[:, None] * w[targets].astype(f32)

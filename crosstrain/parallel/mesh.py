@@ -106,14 +106,38 @@ def build_mesh(shape: MeshShape, devices: Sequence[jax.Device] | None = None) ->
             arr = np.stack([np.asarray(sorted(ds, key=lambda d: d.id)).reshape(ici[1:])
                             for _, ds in sorted(by_slice.items())])
         return Mesh(arr, AXES)
+    from jax.experimental import mesh_utils
+
+    nodes = len({d.process_index for d in devices})
+    if nodes > 1 and devices[0].platform.lower() in ("gpu", "cuda", "rocm"):
+        # GPU nodes: NVLink inside a node, the scale-out network across nodes. The nodes go to
+        # the outermost axes (data parallelism first), so the inner axes (tensor, fsdp) stay on
+        # NVLink where they fit in a node, as multi-slice TPU keeps them on ICI.
+        ici, dcn = _split_over_nodes(shape.sizes, nodes)
+        try:
+            return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, process_is_granule=True),
+                        AXES)
+        except (ValueError, AssertionError, NotImplementedError):
+            pass
     try:
         # Topology-aware placement on TPU and GPU (neighbours on the fast axes).
-        from jax.experimental import mesh_utils
-
         arr = mesh_utils.create_device_mesh(shape.sizes, devices=devices, allow_split_physical_axes=True)
     except Exception:
         arr = np.asarray(devices).reshape(shape.sizes)
     return Mesh(arr, AXES)
+
+
+def _split_over_nodes(sizes: Sequence[int], nodes: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(inside-a-node, across-nodes) factors of each mesh axis, the nodes taken by the outermost
+    axes first."""
+    remaining = nodes
+    ici, dcn = [], []
+    for size in sizes:
+        across = math.gcd(size, remaining)
+        remaining //= across
+        dcn.append(across)
+        ici.append(size // across)
+    return tuple(ici), tuple(dcn)
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,8 +39,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from crosstrain.config import ModelConfig
-from crosstrain.flops import AttnConvention, attention_flops_per_token, flops_per_token, matmul_params, param_count
+from crosstrain.flops import (CROSSTRAIN_CONVENTION, AttnConvention, attention_flops_per_token, flops_per_token,
+                              matmul_params, param_count)
 from crosstrain.hardware import GIB, Chip
+from crosstrain.platform import GPU_MEMORY_FRACTION
 
 BF16 = 2
 FP32 = 4
@@ -98,7 +100,7 @@ FAMILIES: dict[str, Family] = {
                   causal_skip=True, attn_eff=0.6, elementwise_passes=2.0, reserved_gib=0.5, usable=0.97,
                   hierarchical=True, fitted_scale=0.90),
     "gpu": Family("gpu", matmul_eff=0.75, width_half=160, overlap=0.8, tp_overlap=0.0, link_eff=0.75,
-                  causal_skip=True, attn_eff=0.4, elementwise_passes=1.5, reserved_gib=2.0, usable=0.92,
+                  causal_skip=True, attn_eff=0.4, elementwise_passes=1.5, reserved_gib=2.0, usable=GPU_MEMORY_FRACTION,
                   fitted_scale=0.85),
     "trainium": Family("trainium", matmul_eff=0.85, width_half=128, overlap=0.7, tp_overlap=0.0, link_eff=0.7,
                        causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.95,
@@ -254,9 +256,6 @@ def total_params(m: ModelConfig, glu: bool = True) -> float:
 # attention-score element, per token and layer.
 CROSSTRAIN_NONE_BYTES_PER_ELEMENT = 5.0
 CROSSTRAIN_SCORE_BYTES = 6.3
-# With Splash attention (no scores kept), XLA's TPU memory analysis of AFM-on-device's step with
-# nothing recomputed (v5p, 8 chips, 4 x 4096 tokens per chip) keeps 3.7 bytes per element.
-CROSSTRAIN_FLASH_NONE_BYTES_PER_ELEMENT = 3.7
 # The HBM traffic of crosstrain's compiled TPU step outside its matmuls: XLA's elementwise and
 # reduction fusions and layout copies, summed from the optimized HLO of unrolled 1- and 2-layer
 # programs (`plan --aot` reports it as xla_elementwise_passes), per layer, relative to the one
@@ -266,8 +265,47 @@ CROSSTRAIN_FLASH_NONE_BYTES_PER_ELEMENT = 3.7
 CROSSTRAIN_TPU_ELEMENTWISE_PASSES = 1.07
 
 
+@dataclass(frozen=True)
+class ProgramMemory:
+    """What XLA keeps for crosstrain's step with the platform's flash kernel (Splash on TPU, cuDNN
+    on GPU) beyond the tensors a remat policy names, which are counted exactly
+    (activation_bytes_per_token_layer), and beyond parameters, optimizer state and FSDP's gathered
+    weights. Least-squares fits to XLA's memory analysis of the compiled step on 8 chips
+    (AFM-on-device widths 2048/3072, 13/26 layers, vocab 24,576/49,152, microbatches of 1-4
+    sequences of 4096, the four policies; fsdp, tp x fsdp, dp x fsdp, pure dp):
+    `python benchmarks/memory_fit.py --chip h100-sxm|tpu-v5p` (docs/planner.md has the errors)."""
+
+    none_bytes_per_element: float  # everything kept (remat none), per activation element
+    working_bytes_per_element: float  # one layer's activations while it is recomputed
+    logit_bytes: float  # per logit element at the peak (fp32 logits, their exp, the bf16 residual)
+    gradient_buffers: float  # fp32 gradient-sized buffers at the peak (the gradients, their update)
+    accumulation_buffers: float  # more of them when microbatches are accumulated (the running sum)
+
+
+CROSSTRAIN_PROGRAM = {
+    # 52 programs on 8 H100: median error 2.7%, worst 10.7%.
+    "gpu": ProgramMemory(none_bytes_per_element=2.66, working_bytes_per_element=0.75, logit_bytes=4.6,
+                         gradient_buffers=1.93, accumulation_buffers=1.03),
+    # 20 programs on 8 v5p (libtpu's compiles are slower: five shapes a policy), with the logits
+    # held at their bf16 residual (2 bytes: free, the fit put them at 0.25 against the other
+    # terms) and no working set (the free fit's was within noise of 0): median error 5.4%, worst
+    # 21% (remat none at one sequence per microbatch).
+    "tpu": ProgramMemory(none_bytes_per_element=3.07, working_bytes_per_element=0.0, logit_bytes=2.0,
+                         gradient_buffers=1.91, accumulation_buffers=2.29),
+}
+
+
+def activation_elements_per_token_layer(m: ModelConfig, lay: Layout, glu: bool = True) -> float:
+    """Elements of a layer's activations per token and device, counted as for remat none: both
+    norms' inputs and outputs; q, k, v before and after QK-norm and RoPE, the attention output;
+    gate, up, silu(gate) and the product."""
+    h_div = lay.tp if (lay.sequence_parallel and lay.tp > 1) else 1
+    return (4 * m.hidden / h_div + (4 * m.heads + 4 * m.kv_heads) * m.head_dim / lay.tp
+            + (4 if glu else 2) * m.ffn / lay.tp)
+
+
 def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool, glu: bool = True,
-                                     implementation: str = "efficient") -> dict[str, float]:
+                                     implementation: str = "efficient", kernel: str = "splash") -> dict[str, float]:
     """Bytes saved for the backward pass, per token per layer (bf16 activations), by policy.
 
     Counted for this decoder: norm inputs/outputs and residuals (h-sized), q/k/v before and after
@@ -290,8 +328,23 @@ def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool
     attn_saved = BF16 * m.heads * hd / tp + (FP32 * m.heads / tp if flash else 0.0)
     working = full_layer
     if implementation == "crosstrain":
-        elements = 4 * m.hidden / h_div + (4 * m.heads + 4 * m.kv_heads) * hd / tp + (4 if glu else 2) * m.ffn / tp
-        if flash:
+        elements = activation_elements_per_token_layer(m, lay, glu)
+        if flash and kernel == "cudnn":
+            # crosstrain's step on GPU (cuDNN's flash attention): the policies' named tensors,
+            # counted exactly. cuDNN's residuals are q, k, v after RoPE, its output (the
+            # attention output the policies name) and the fp32 softmax statistics per head;
+            # crosstrain names them as Splash's (model/attention.py).
+            qkv = BF16 * (m.heads + 2 * m.kv_heads) * hd / tp
+            attn_out = BF16 * m.heads * hd / tp
+            residuals = qkv + FP32 * m.heads / tp  # beside the attention output
+            attn_saved = attn_out + residuals
+            # selective = the layer input (the scan carry), q/k/v before QK-norm, the attention
+            # output and its projection, the MLP's gate and up, and cuDNN's residuals.
+            selective = (layer_input + qkv + attn_saved + BF16 * m.hidden / h_div
+                         + BF16 * (2 if glu else 1) * m.ffn / tp)
+            full_layer = CROSSTRAIN_PROGRAM["gpu"].none_bytes_per_element * elements
+            working = CROSSTRAIN_PROGRAM["gpu"].working_bytes_per_element * elements
+        elif flash:
             # crosstrain's step with Splash, counted from what the compiled TPU program keeps
             # (XLA's memory analysis, docs/planner.md): Splash's residuals are q, k, v after RoPE,
             # the scaled q, its output (bf16) and the log-sum-exp (fp32); the fused ops' custom
@@ -301,11 +354,8 @@ def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool
             # before QK-norm, Splash's residuals, the MLP gate and up.
             selective = (4 * layer_input + BF16 * (m.heads + 2 * m.kv_heads) * hd / tp + attn_saved
                          + BF16 * (2 if glu else 1) * m.ffn / tp)
-            full_layer = CROSSTRAIN_FLASH_NONE_BYTES_PER_ELEMENT * elements
-            # No separate working set: what the compiled program holds beyond the saved
-            # activations is a second fp32 gradient buffer (estimate() adds it), within 3% over
-            # none/selective/attention/full at dp=8 and fsdp=8/64 (docs/planner.md).
-            working = 0.0
+            full_layer = CROSSTRAIN_PROGRAM["tpu"].none_bytes_per_element * elements
+            working = CROSSTRAIN_PROGRAM["tpu"].working_bytes_per_element * elements
         else:
             # crosstrain's selective policy saves by name (model/transformer.py SELECTIVE_SAVED):
             # q, k, v, the attention output and its projection, the MLP gate and up; the layer
@@ -355,7 +405,7 @@ def estimate(
 
     # ---- work ------------------------------------------------------------------------------
     executed_attn: AttnConvention = "causal" if flash else "full"
-    model_flops = flops_per_token(m, attention="full", glu=glu) * tokens_step
+    model_flops = flops_per_token(m, attention=CROSSTRAIN_CONVENTION, glu=glu) * tokens_step
     dense_fwd = 2.0 * (matmul_params(m, glu=glu) - m.hidden * m.vocab)  # per token, all layers
     attn_fwd = attention_flops_per_token(m, attention=executed_attn)
     recompute_dense = recomputed_dense_fraction(m, lay.remat, glu)
@@ -467,31 +517,36 @@ def estimate(
     params_b = params_total / shard * FP32
     grads_b = params_total / shard * FP32
     opt_b = params_total / shard * 2 * FP32 / (lay.dp if lay.zero1 else 1)
-    act = activation_bytes_per_token_layer(m, lay, flash=flash, glu=glu, implementation=implementation)
+    # crosstrain's own flash kernel is the platform's: Splash on TPU, cuDNN on NVIDIA GPUs, each
+    # with what XLA's program for that platform keeps (ProgramMemory).
+    program = (CROSSTRAIN_PROGRAM.get("gpu" if chip.family == "gpu" else "tpu")
+               if implementation == "crosstrain" and flash else None)
+    act = activation_bytes_per_token_layer(m, lay, flash=flash, glu=glu, implementation=implementation,
+                                           kernel="cudnn" if chip.family == "gpu" else "splash")
     in_flight = min(lay.pp, n_micro) if lay.pp > 1 else 1
     saved = act[lay.remat] * micro_tokens * layers_stage * in_flight
     working = act["working"] * micro_tokens * (1 if lay.remat != "none" else 0)
-    # fp32 logits and their gradient; crosstrain's fused loss keeps one fp32 copy live with the
-    # reference attention's scores around, both with Splash (XLA's TPU memory analysis).
-    logits = micro_tokens * m.vocab / lay.tp * (FP32 if implementation == "crosstrain" and not flash else 2 * FP32)
+    # fp32 logits and their gradient; crosstrain's fused loss without a flash kernel keeps one fp32
+    # copy live beside the reference attention's scores (XLA's TPU memory analysis).
+    logits = micro_tokens * m.vocab / lay.tp * (program.logit_bytes if program else
+                                                FP32 if implementation == "crosstrain" else 2 * FP32)
     gathered = 0.0
     if lay.fsdp > 1:
         # Two layers' weights in flight (the one computing, the next arriving), or the whole
         # stage kept gathered.
         gathered = (layers_stage if lay.keep_gathered else 2) * layer_params(m, glu) / lay.tp * lay.gather_bytes
     accumulation = 0.0
-    if implementation == "crosstrain" and flash:
-        # crosstrain's compiled step (XLA's TPU memory analysis) holds the scan's stacked layer
-        # gradients and their reduced copy: a second fp32 gradient buffer. (Where memory allows,
-        # XLA may also hoist FSDP's bf16 weight all-gathers out of the microbatch loop: seen once,
-        # +5 GiB for AFM-on-device on 8 v5p with full recomputation; not modelled.)
-        grads_b *= 2
-    if implementation == "crosstrain" and n_micro > 1:
+    if program is not None:
+        # The compiled program's gradient-sized fp32 buffers: the gradients and the scan's reduced
+        # copy of the stacked layer gradients; with several microbatches, the running sum.
+        # (Where memory allows, XLA on TPU may also hoist FSDP's bf16 weight all-gathers out of the
+        # microbatch loop, keeping the gathered model live; not modelled: docs/planner.md.)
+        grads_b *= program.gradient_buffers
+        if n_micro > 1:
+            accumulation = program.accumulation_buffers * params_total / shard * FP32
+    elif implementation == "crosstrain" and n_micro > 1:
         # crosstrain's gradient accumulation (a scan over microbatches) keeps the running sum and
-        # the next microbatch's gradients in fp32: XLA's TPU memory analysis of AFM-on-device on 8
-        # v5p grows by 2 x the fp32 gradients from one microbatch to several. (With FSDP and full
-        # recomputation XLA once also hoisted the bf16 all-gathers of the weights out of the loop,
-        # keeping the whole gathered model live; docs/planner.md.)
+        # the next microbatch's gradients in fp32.
         accumulation = 2 * params_total / shard * FP32
     memory = {
         "params": params_b,
