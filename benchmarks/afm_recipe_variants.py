@@ -51,16 +51,27 @@ def main() -> int:
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         result = run_recipe(str(path), d)
         last = result["stages"][-1]
+        core_stage = next(s for s in result["stages"] if s["name"] == "core")
         rows.append({"variant": name, "distill": mode, "pruned_init": pruned_init,
-                     "core_eval_loss": next(s for s in result["stages"] if s["name"] == "core")["eval_loss"],
-                     "final_eval_loss": last["eval_loss"], "baseline_eval_loss": result["baseline"]["eval_loss"],
+                     "core_eval_loss": core_stage["eval_loss"], "core_eval_loss_se": core_stage["eval_loss_se"],
+                     "final_eval_loss": last["eval_loss"], "final_eval_loss_se": last["eval_loss_se"],
+                     "baseline_eval_loss": result["baseline"]["eval_loss"],
+                     "baseline_eval_loss_se": result["baseline"]["eval_loss_se"],
                      "student_steps": sum(s["steps"] for s in result["stages"] if s["name"] in ("core", "continued", "context")),
                      "baseline_steps": result["baseline"]["steps"]})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     (out / "variants.json").write_text(json.dumps(rows, indent=1))
-    print(f"{'variant':>14} {'core':>8} {'final':>8} {'baseline':>9}")
+    from crosstrain.hardware import cpu_model
+
+    print(f"held-out loss ± standard error; {cpu_model()}")
+    print(f"{'variant':>14} {'after core':>17} {'after last stage':>17} {'baseline':>17}  last - baseline")
     for r in rows:
-        print(f"{r['variant']:>14} {r['core_eval_loss']:8.4f} {r['final_eval_loss']:8.4f} {r['baseline_eval_loss']:9.4f}")
+        diff = r["final_eval_loss"] - r["baseline_eval_loss"]
+        noise = 2 * (r["final_eval_loss_se"] ** 2 + r["baseline_eval_loss_se"] ** 2) ** 0.5
+        print(f"{r['variant']:>14} {r['core_eval_loss']:9.4f} ± {r['core_eval_loss_se']:.4f} "
+              f"{r['final_eval_loss']:9.4f} ± {r['final_eval_loss_se']:.4f} "
+              f"{r['baseline_eval_loss']:9.4f} ± {r['baseline_eval_loss_se']:.4f}  {diff:+.4f} "
+              f"({'beyond' if abs(diff) > noise else 'within'} 2 standard errors, {noise:.4f})")
     return 0
 
 

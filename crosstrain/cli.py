@@ -13,12 +13,60 @@ from typing import Optional, Sequence
 
 from crosstrain import commands as c
 from crosstrain.errors import UserError
-from crosstrain.platform import skip_absent_tpu
+from crosstrain.platform import skip_absent_accelerators
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where it has one its help does not already state."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        raise UserError(f"{self.prog}: {message}")
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # one line, exit 2; main() names the program once
+        command = self.prog.partition(" ")[2]
+        raise UserError(f"{command}: {message}" if command else message)
+
+
+# Options whose value may start with "-" (a negative number, which the command then refuses with a
+# clear reason): argparse would take "-5T" for an option and report a missing argument instead.
+_VALUE_OPTIONS = ("--tokens", "--chips", "--steps", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
+                  "--ffn", "--price", "--power", "--pue", "--slices", "--processes", "--max-tokens", "--max-days")
+
+
+def _join_values(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            out += args[i:]
+            break
+        if a in _VALUE_OPTIONS and i + 1 < len(args) and args[i + 1][:1] == "-" and args[i + 1][1:2].isdigit():
+            out.append(f"{a}={args[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("crosstrain")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, preset_required: bool = True) -> None:
@@ -46,6 +94,7 @@ def _add_process_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="crosstrain", description="Pre-train AFM-style language models on any JAX accelerator.")
+    parser.add_argument("--version", action="version", version=f"crosstrain {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a model (resumes if --run-dir holds a run)")
@@ -65,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=1,
                    help="TPU slices the chips form (multi-slice: data parallelism across slices over DCN)")
     p.add_argument("--objective", choices=["time", "cost"], default="time",
-                   help="time: fastest layout on --chips; cost: cheapest run using up to --chips")
+                   help="time: fastest layout on --chips; cost: cheapest run using up to --chips (within --max-days)")
+    p.add_argument("--max-days", type=float, help="a deadline for --objective cost: the cheapest plan that finishes in time")
     p.add_argument("--price", type=float, help="USD per chip-hour (default: the catalog's list price)")
     p.add_argument("--power", type=float, help="watts per chip (default: the catalog's figure)")
     p.add_argument("--power-cap", type=float, help="chips run under this power cap (W): lower sustained clocks")
@@ -73,9 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", help="several options side by side: CHIP:N,CHIP:N,... (writes a PNG chart)")
     p.add_argument("--out", help="where --compare writes its chart (default plan-compare.png); with --cases, "
                                  "a chart of predicted against published speed")
-    p.add_argument("--cases", help="validate against published runs in this CSV (shared/planner/cases.csv schema)")
+    p.add_argument("--cases", help="validate against the published runs in this CSV; the shipped set is "
+                                   "crosstrain/planner/data/published_cases.csv (docs/planner.md gives the columns)")
     p.add_argument("--recipe", help="plan every stage of a recipe (crosstrain recipe) on --chip/--chips or --compare")
-    p.add_argument("--aot", action="store_true", help="also compile crosstrain's step for a TPU topology with libtpu")
+    p.add_argument("--aot", action="store_true",
+                   help="also compile crosstrain's step for the plan's TPU topology (libtpu, the tpu extra) or GPU "
+                        "cluster (the CUDA plugin, the cuda extra) and compare XLA's memory with the planner's")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=c.cmd_plan)
 
@@ -114,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--text-file", help="evaluate on this text (default: the run's held-out data)")
     p.add_argument("--data", help="evaluate on the held-out part of this data")
+    p.add_argument("--max-tokens", type=int, default=0,
+                   help="evaluate only the first N tokens (0: all of them, as the in-run evaluation does by default)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=c.cmd_eval)
 
@@ -141,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, required=True)
     p.add_argument("--devices-per-process", type=int, help="CPU devices per process")
     p.add_argument("--port", type=int, help="coordinator port (default: a free one)")
+    p.add_argument("--process-caches", metavar="DIR",
+                   help="give each process its own $CROSSTRAIN_CACHE and working directory under DIR (p0, p1, ...): "
+                        "processes that share no local directory, as on separate hosts")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the crosstrain command, e.g. -- train --preset tiny ...")
     p.set_defaults(func=c.cmd_launch)
 
@@ -148,10 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true",
+                   help="always take the most likely token (no sampling: --temperature, --top-k and --top-p do not apply)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, help="sample within this probability mass (default 1.0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=c.cmd_generate)
@@ -159,9 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    skip_absent_tpu()
+    skip_absent_accelerators()
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_join_values(sys.argv[1:] if argv is None else argv))
         return args.func(args)
     except UserError as e:
         print(f"crosstrain: error: {e}", file=sys.stderr)

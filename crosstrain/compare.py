@@ -20,9 +20,11 @@ from crosstrain.train.metrics import read_metrics
 def load_runs(run_dirs: list[str]) -> list[dict[str, Any]]:
     if len(run_dirs) < 1:
         raise UserError("compare: give at least one run directory")
+    from crosstrain.storage import local_run
+
     runs = []
     for name in run_dirs:
-        path = Path(name)
+        path = local_run(name, "compare")
         metrics = path / "metrics.jsonl"
         if not metrics.is_file():
             raise UserError(f"compare: {metrics} not found (is {name} a crosstrain run directory?)")
@@ -35,7 +37,8 @@ def load_runs(run_dirs: list[str]) -> list[dict[str, Any]]:
                 summary = json.loads((path / "summary.json").read_text())
             except ValueError:
                 summary = {}
-        runs.append({"name": path.name or str(path), "dir": str(path), "records": records, "summary": summary})
+        runs.append({"name": name.rstrip("/").rsplit("/", 1)[-1] or name, "dir": name, "records": records,
+                     "summary": summary})
     names = [r["name"] for r in runs]
     for r in runs:  # two runs named alike (a/run, b/run): use more of the path
         if names.count(r["name"]) > 1:
@@ -56,6 +59,7 @@ def finals(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "tokens_seen": last.get("tokens_seen"),
             "final_loss": last.get("loss"),
             "eval_loss": evals[-1]["eval_loss"] if evals else None,
+            "eval_loss_se": evals[-1].get("eval_loss_se") if evals else None,
             "tokens_per_s": s.get("tokens_per_s", last.get("tokens_per_s")),
             "mfu": s.get("mfu", last.get("mfu")),
             "goodput": s.get("goodput"),
@@ -72,11 +76,14 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         c = colors[i % len(colors)]
         recs = run["records"]
         train = [(r["tokens_seen"], r["loss"]) for r in recs if r.get("loss") is not None and r.get("tokens_seen")]
-        evals = [(r["tokens_seen"], r["eval_loss"]) for r in recs if r.get("eval_loss") is not None]
+        evals = [(r["tokens_seen"], r["eval_loss"], 2 * (r.get("eval_loss_se") or 0.0)) for r in recs
+                 if r.get("eval_loss") is not None]
         if train:
-            ax_loss.plot(*zip(*train), color=c, lw=1.2, label=f"{run['name']} train")
+            ax_loss.plot(*zip(*train), color=c, lw=1.2, label=f"{run['name']} training")
         if evals:
-            ax_loss.plot(*zip(*evals), "o--", color=c, lw=1.0, ms=4, label=f"{run['name']} held-out")
+            x, y, err = zip(*evals)
+            ax_loss.errorbar(x, y, yerr=err, fmt="o--", color=c, lw=1.0, ms=4, capsize=3,
+                             label=f"{run['name']} held-out (± 2 s.e.)")
         tps = [(r["step"], r["tokens_per_s"]) for r in recs if r.get("tokens_per_s")]
         if tps:
             ax_tps.plot(*zip(*tps), color=c, lw=1.2, label=run["name"])
@@ -94,7 +101,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'run':>20} {'steps':>7} {'tokens':>10} {'loss':>8} {'held-out':>9} {'tokens/s':>10} {'MFU':>7} {'goodput':>8}"
+    head = (f"{'run':>20} {'steps':>7} {'tokens':>10} {'loss':>8} {'held-out ± s.e.':>17} {'tokens/s':>10} {'MFU':>7} "
+            f"{'goodput':>8}")
     out = [head, "-" * len(head)]
 
     def f(v, fmt):
@@ -102,7 +110,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     for r in rows:
         out.append(f"{r['run'][-20:]:>20} {r['steps']:>7} {f(r['tokens_seen'], ',.0f'):>10} {f(r['final_loss'], '.4f'):>8} "
-                   f"{f(r['eval_loss'], '.4f'):>9} {f(r['tokens_per_s'], ',.0f'):>10} "
+                   f"{(f(r['eval_loss'], '.4f') + ' ± ' + f(r.get('eval_loss_se'), '.4f')):>17} "
+                   f"{f(r['tokens_per_s'], ',.0f'):>10} "
                    f"{(f(100 * r['mfu'], '.1f') + '%') if isinstance(r['mfu'], (int, float)) else '-':>7} "
                    f"{(f(100 * r['goodput'], '.0f') + '%') if isinstance(r['goodput'], (int, float)) else '-':>8}")
     return "\n".join(out)

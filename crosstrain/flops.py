@@ -9,8 +9,11 @@ Counting (PaLM, Chowdhery et al. 2022, appendix B):
 - attention scores and the weighted sum cost 2 x 2 x T x H x Q FLOPs per token per layer forward
   (T = sequence length, H = query heads, Q = head dim), so 12 x L x H x Q x T trained.
 
-`attention="full"` counts the whole T x T score matrix, PaLM's convention and crosstrain's for
-MFU; `"causal"` counts the half a causal mask keeps (torchtitan's and some MaxText reports').
+`attention="causal"` counts the half of the T x T score matrix a causal mask keeps: crosstrain's
+MFU (train, bench, plan) counts the work a causal model does, so a long-context stage is not
+credited with the masked half (torchtitan's convention, and later MaxText reports'). `"full"`
+counts the whole matrix, PaLM's convention; published runs are compared in the convention their
+sources state (planner/cases.py).
 Model FLOPs never include recomputation; `hardware_flops_per_token` adds it for a remat policy.
 """
 
@@ -21,7 +24,9 @@ from typing import Literal
 from crosstrain.config import ModelConfig
 
 AttnConvention = Literal["full", "causal"]
-CROSSTRAIN_CONVENTION: AttnConvention = "full"
+CROSSTRAIN_CONVENTION: AttnConvention = "causal"
+# How it reads where MFU is printed.
+CONVENTION_NOTE = "causal attention counted as half the score matrix"
 
 
 def param_count(cfg: ModelConfig, *, glu: bool = True, part: Literal["all", "layer", "matmul"] = "all") -> int:

@@ -20,7 +20,8 @@ def setup(run_dir: Optional[Path] = None, *, process_index: int = 0) -> logging.
     err.setLevel(logging.INFO if process_index == 0 else logging.WARNING)
     log.addHandler(err)
     if run_dir is not None and process_index == 0:
-        fh = logging.FileHandler(run_dir / "train.log")
+        # Opened at the first record: a command refused before it logs anything leaves no empty log.
+        fh = logging.FileHandler(run_dir / "train.log", delay=True)
         fh.setFormatter(fmt)
         log.addHandler(fh)
     # Orbax and absl are chatty at INFO.

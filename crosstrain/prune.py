@@ -91,6 +91,7 @@ def initial_scores(params: dict[str, Any]) -> jax.Array:
 def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, overrides: tuple[str, ...] = (),
           data: Optional[str] = None) -> dict[str, Any]:
     from crosstrain.data.pipeline import build_pipeline
+    from crosstrain.evaluate import evaluate_tokens
     from crosstrain.model import loss_fn
     from crosstrain.model.params import params_sha256
     from crosstrain.runtime import load_run, refuse_existing_checkpoints, write_new_run
@@ -106,6 +107,10 @@ def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, ov
                                     **({"path": data, "sources": [], "mixture": []} if data else {})})
     check_paths(stream_cfg, ("data",))  # the masks learn on the source's data (or --data)
     pipeline = build_pipeline(stream_cfg, write_files=False)
+    heldout = pipeline.heldout_tokens()
+    if heldout.size < 2:
+        raise UserError("prune: the source run's data holds out no tokens (data.holdout=0); nothing to judge "
+                        "the pruned model on")
     batches = pipeline.batches()
     m = cfg.model
     params = jax.tree.map(jnp.asarray, jax.device_get(params))
@@ -137,9 +142,9 @@ def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, ov
     np.put_along_axis(hard, keep, 1.0, axis=-1)
     small = slice_mlp(params, keep)
 
-    eval_tokens = jnp.asarray(next(pipeline.eval_batches(1)))
-    full_loss = float(loss_fn(params, eval_tokens, m))
-    hard_loss = float(loss_fn(masked(params, jnp.asarray(hard)), eval_tokens, m))
+    # Held-out loss before and after, on the run's whole held-out set (crosstrain/evaluate.py).
+    full = evaluate_tokens(params, cfg, heldout, np.ones(1, np.int64))
+    pruned = evaluate_tokens(masked(params, jnp.asarray(hard)), cfg, heldout, np.ones(1, np.int64))
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
@@ -152,7 +157,8 @@ def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, ov
     result = {
         "source": str(source), "source_step": step, "run_dir": str(out), "ffn": [F, ffn],
         "parameters": [before, after], "steps": steps, "tokens": steps * stream_cfg.train.batch * m.seq_len,
-        "masked_loss": [losses[0], losses[-1]], "heldout_loss_full": full_loss, "heldout_loss_pruned": hard_loss,
+        "masked_loss": [losses[0], losses[-1]], "heldout_loss_full": full.loss, "heldout_loss_full_se": full.loss_se,
+        "heldout_loss_pruned": pruned.loss, "heldout_loss_pruned_se": pruned.loss_se, "heldout_tokens": pruned.tokens,
         "params_sha256": params_sha256(jax.device_get(small)), "seconds": time.perf_counter() - t0,
     }
     write_json(out / "prune.json", result)

@@ -139,11 +139,12 @@ def _record(name: str, kind: str, run_dir: Path) -> dict[str, Any]:
            "distilled_from": cfg.distill.teacher or None, "initialised_from": cfg.init.from_run or None}
     if kind == "train":
         s = json.loads((run_dir / "summary.json").read_text())
-        out.update({"steps": s["steps"], "tokens": s["tokens_seen"], "final_loss": s["final_loss"], "eval_loss": s["eval_loss"]})
+        out.update({"steps": s["steps"], "tokens": s["tokens_seen"], "final_loss": s["final_loss"], "eval_loss": s["eval_loss"],
+                    "eval_loss_se": s.get("eval_loss_se")})
     else:
         p = json.loads((run_dir / "prune.json").read_text())
         out.update({"steps": p["steps"], "tokens": p["tokens"], "final_loss": p["masked_loss"][-1],
-                    "eval_loss": p["heldout_loss_pruned"], "ffn": p["ffn"]})
+                    "eval_loss": p["heldout_loss_pruned"], "eval_loss_se": p.get("heldout_loss_pruned_se"), "ffn": p["ffn"]})
     return out
 
 
@@ -184,18 +185,24 @@ def run_recipe(name_or_path: str, directory: Path) -> dict[str, Any]:
             log.info("recipe %s: baseline from scratch", recipe["name"])
             train(_train_config({**recipe["baseline"], "name": "baseline"}, directory), base_dir)
         b = _record("baseline", "train", base_dir)
-        baseline = {"run_dir": b["run_dir"], "steps": b["steps"], "eval_loss": b["eval_loss"], "params": b["params"]}
+        baseline = {"run_dir": b["run_dir"], "steps": b["steps"], "eval_loss": b["eval_loss"],
+                    "eval_loss_se": b["eval_loss_se"], "params": b["params"]}
     return _write(directory, recipe, records, baseline)
 
 
 def describe(result: dict[str, Any]) -> str:
-    """A finished recipe, one line per stage (and the baseline): steps, size, held-out loss."""
+    """A finished recipe, one line per stage (and the baseline): steps, size, held-out loss with its
+    standard error."""
+    def loss(r: dict[str, Any]) -> str:
+        se = r.get("eval_loss_se")
+        return f"held-out {r['eval_loss']:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+
     lines = [f"{st['name']:>12} {st['kind']:>6} {st['steps']:>7} steps  seq {st['seq_len']:>6}  "
-             f"{st['params'] / 1e6:8.2f}M params  held-out {st['eval_loss']:.4f}" for st in result["stages"]]
+             f"{st['params'] / 1e6:8.2f}M params  {loss(st)}" for st in result["stages"]]
     if result["baseline"]:
         b = result["baseline"]
         lines.append(f"{'baseline':>12} {'train':>6} {b['steps']:>7} steps  {'':>10}  {b['params'] / 1e6:8.2f}M params  "
-                     f"held-out {b['eval_loss']:.4f}")
+                     f"{loss(b)}")
     return "\n".join(lines)
 
 

@@ -24,6 +24,10 @@ def test_bench_json_is_complete_and_consistent(capsys, tmp_path):
     assert 0 < r["achieved_tflops"] <= ceiling
     assert r["achieved_tflops"] * 1e12 == pytest.approx(r["flops_per_token"] * r["tokens_per_s"], rel=1e-9)
     assert 0 < r["mfu"] <= 1 and r["predicted_step_time_s"] > 0
+    # One peak in the report: on a CPU, MFU's peak is the matmul ceiling measured in this run.
+    key = "bf16" if r["resolved"]["compute_dtype"] == "bfloat16" else "fp32"
+    assert r["mfu"] == pytest.approx(r["achieved_tflops"] / r["matmul_ceiling_tflops"][key], rel=1e-9)
+    assert r["attention_flops"] == "causal"
     assert 0 <= r["host_overhead_fraction"] < 1 and 0 <= r["data_wait_fraction"] < 1
     assert isinstance(r["huge_pages"], bool)
 

@@ -20,6 +20,12 @@ from crosstrain.cli import main
         (["train", "--preset", "tiny", "--run-dir", "{tmp}", "--bogus"], "unrecognized arguments"),
         (["generate", "--run-dir", "{tmp}/nothing", "--prompt", "x"], "does not exist"),
         (["frobnicate"], "invalid choice"),
+        (["plan", "--preset", "tiny", "--chip", "tpu-v5p", "--chips", "0"], "--chips: must be >= 1"),
+        (["plan", "--preset", "tiny", "--chip", "tpu-v5p", "--chips", "8", "--tokens", "-5T"], "--tokens: must be positive"),
+        (["plan", "--preset", "tiny", "--chip", "tpu-v5p", "--chips", "8", "--objective", "cost", "--max-days", "-1"],
+         "--max-days: must be positive"),
+        (["generate", "--run-dir", "{tmp}", "--prompt", "x", "--greedy", "--temperature", "0.7"], "--greedy"),
+        (["eval", "--run-dir", "{tmp}", "--max-tokens", "-3"], "--max-tokens"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(argv, words, tmp_path, capsys):
@@ -28,7 +34,23 @@ def test_user_mistakes_exit_2_with_one_line(argv, words, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("crosstrain: error:")
     assert words in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and err.count("crosstrain") == 1  # the program named once
+
+
+def test_version_and_defaults_in_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("crosstrain 0.")
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: time)" in out and "published_cases.csv" in out and "shared/" not in out
+
+
+def test_a_refused_recipe_leaves_no_log_behind(tmp_path):
+    run = tmp_path / "recipe"
+    assert main(["recipe", "--recipe", "no-such-recipe", "--run-dir", str(run)]) == 2
+    assert not (run / "train.log").exists()
 
 
 def test_console_script_exits_2_without_traceback(tmp_path):

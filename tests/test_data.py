@@ -246,3 +246,33 @@ def test_packed_sequences_overlap_by_one_token():
     assert len(seqs) == 9
     np.testing.assert_array_equal(seqs[0], np.arange(11))
     np.testing.assert_array_equal(seqs[1][:1], [10])
+
+
+def test_heldout_split_is_counted_in_tokens_per_source(tmp_path, text_dir):
+    """At least data.holdout of each source's tokens (and the 50k floor where a source allows it
+    within 10%), chosen by name and the same whatever the order; a single large document is split."""
+    from crosstrain.data.store import HOLDOUT_CAP, choose_heldout, heldout_target
+
+    big = tmp_path / "one.txt"
+    big.write_text(make_text(np.random.default_rng(1), 60_000))
+    p = build_pipeline(cfg_for({"sources": [{"path": str(text_dir)}, {"path": str(big)}], "holdout": 0.02}))
+    report = p.report()
+    for store, src in zip(p.stores, report["sources"]):
+        total = store.tokens.size
+        assert src["heldout_tokens"] == store.heldout.size == heldout_target(total, 0.02)
+        assert 0.02 <= src["heldout_share"] <= HOLDOUT_CAP + 1e-9 and src["heldout_tokens"] >= min(50_000, 0.1 * total) - 1
+        assert store.train_end + store.heldout.size == total
+    assert report["sources"][1]["documents"] == 1 and report["sources"][1]["heldout_documents"] == 1  # cut
+    assert report["totals"]["heldout_tokens"] == sum(s.heldout.size for s in p.stores)
+    assert report["totals"]["heldout_share"] == pytest.approx(report["totals"]["heldout_tokens"] / report["totals"]["tokens"])
+    # No held-out token is trained on: held-out and training windows of the big document do not overlap.
+    big_store = p.stores[1]
+    assert not np.shares_memory(big_store.train, big_store.heldout)
+    # The choice depends on the names only, not on the order documents come in.
+    lengths, orders = [5, 40, 7, 12, 30], [9, 3, 7, 1, 5]
+    whole, cut = choose_heldout(lengths, orders, 20)
+    perm = [4, 2, 0, 3, 1]
+    whole2, cut2 = choose_heldout([lengths[i] for i in perm], [orders[i] for i in perm], 20)
+    assert sorted(perm[i] for i in whole2) == sorted(whole) and (perm[cut2[0]], cut2[1]) == cut
+    assert sum(lengths[i] for i in whole) + cut[1] == 20
+    assert heldout_target(1000, 0.0) == 0 and heldout_target(10_000_000, 0.01) == 100_000

@@ -21,10 +21,11 @@ def test_flops_for_llama2_7b_by_hand():
                     seq_len=4096, tie_embeddings=False, qk_norm=False)
     n = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 4096 * 32000  # 6.607B matmul weights
     assert n == 6_607_077_376
-    assert flops_per_token(m) == 6 * n + 12 * 32 * 32 * 128 * 4096
+    assert flops_per_token(m, attention="full") == 6 * n + 12 * 32 * 32 * 128 * 4096
     assert flops_per_token(m, attention="causal") == 6 * n + 6 * 32 * 32 * 128 * 4096
     gpt = ModelConfig(layers=24, hidden=2304, heads=24, kv_heads=24, head_dim=96, ffn=9216, vocab=51200, seq_len=2048)
-    assert flops_per_token(gpt, glu=False) == 6 * (24 * (4 * 2304**2 + 2 * 2304 * 9216) + 2304 * 51200) + 12 * 24 * 24 * 96 * 2048
+    assert (flops_per_token(gpt, glu=False, attention="full")
+            == 6 * (24 * (4 * 2304**2 + 2 * 2304 * 9216) + 2304 * 51200) + 12 * 24 * 24 * 96 * 2048)
 
 
 def test_memory_matches_real_arrays_on_cpu():
@@ -89,14 +90,17 @@ def test_time_cost_and_energy_follow_the_budget_price_and_pue(capsys):
     full = planned("--tokens", "6.3T")
     half = planned("--tokens", "3.15T", "--price", "1.5", "--pue", "1.4")
     assert half["parallelism"] == full["parallelism"] and half["step_time_s"] == full["step_time_s"]
-    assert full["tokens_per_s"] * full["time_to_train_days"] * 86400 == pytest.approx(6.3e12)
-    assert half["time_to_train_days"] == pytest.approx(full["time_to_train_days"] / 2)
+    # Whole steps of the global batch: the budget planned is the one trained, at least what was asked.
+    per_step = 4096 * 4096
+    assert full["steps"] == 375_510 and full["tokens"] == full["steps"] * per_step >= 6.3e12 > full["tokens"] - per_step
+    assert full["tokens_per_s"] * full["time_to_train_days"] * 86400 == pytest.approx(full["tokens"])
+    assert half["time_to_train_days"] == pytest.approx(full["time_to_train_days"] / 2, rel=1e-5)
     assert full["price_per_chip_hour"] == CATALOG["tpu-v5p"].price_per_hour != 1.5
-    assert half["cost_usd"] == pytest.approx(full["cost_usd"] / 2 * 1.5 / full["price_per_chip_hour"])
-    assert half["energy_mwh"] == pytest.approx(full["energy_mwh"] / 2 * 1.4)
-    # AFM-on-device's core stage: 375,500 steps of 4096 x 4096 tokens are its 6.3T.
+    assert half["cost_usd"] == pytest.approx(full["cost_usd"] / 2 * 1.5 / full["price_per_chip_hour"], rel=1e-5)
+    assert half["energy_mwh"] == pytest.approx(full["energy_mwh"] / 2 * 1.4, rel=1e-5)
+    # AFM-on-device's core stage: 375,500 steps of 4096 x 4096 tokens, the preset's budget.
     default = planned()
-    assert default["steps"] == 375_500
+    assert default["steps"] == 375_500 and default["tokens"] == 375_500 * per_step
     assert default["time_to_train_days"] == pytest.approx(full["time_to_train_days"], rel=1e-3)
 
 
@@ -105,6 +109,60 @@ def test_cost_objective_never_costs_more():
     fast = plan(cfg, Options(chip="h100-sxm", chips=1024, tokens=1e12))
     cheap = plan(cfg, Options(chip="h100-sxm", chips=1024, tokens=1e12, objective="cost"))
     assert cheap["cost_usd"] <= fast["cost_usd"] and cheap["chips"] <= 1024
+
+
+def test_cost_objective_keeps_to_a_deadline_and_says_when_the_cheapest_is_absurd():
+    """Without a deadline the cheapest AFM-on-device plan on up to 2048 H100 takes years on a few
+    GPUs; the plan says so, and --max-days bounds it."""
+    cfg = load_config("afm-on-device-3b")
+    fast = plan(cfg, Options(chip="h100-sxm", chips=2048))
+    cheap = plan(cfg, Options(chip="h100-sxm", chips=2048, objective="cost"))
+    assert cheap["time_to_train_days"] > 3 * fast["time_to_train_days"]
+    assert any("--max-days" in n for n in cheap["notes"])
+    bounded = plan(cfg, Options(chip="h100-sxm", chips=2048, objective="cost", max_days=60))
+    assert bounded["time_to_train_days"] <= 60 and bounded["cost_usd"] <= fast["cost_usd"]
+    assert bounded["steps"] == fast["steps"] == cheap["steps"] and bounded["tokens"] == fast["tokens"]
+
+
+def test_mfu_counts_causal_attention_as_half():
+    """The 32K context stage was credited with the masked half of its attention (86.8% MFU)."""
+    cfg = load_config("afm-on-device-3b-context")
+    r = plan(cfg, Options(chip="tpu-v5p", chips=2048))
+    from crosstrain.flops import flops_per_token
+
+    tokens = cfg.train.batch * cfg.model.seq_len
+    assert r["model_tflops_per_chip"] * 1e12 == pytest.approx(
+        flops_per_token(cfg.model, attention="causal") * tokens / r["step_time_s"] / r["chips"])
+    assert r["mfu"] < 0.8
+
+
+def test_compare_chart_keeps_options_that_do_not_fit_and_colours_chips_alike(tmp_path, monkeypatch):
+    from crosstrain.planner import report
+
+    drawn = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.setdefault(str(path), fig))
+    rows = [{"chip": "tpu-v5p", "chips": 64, "time_to_train_days": 0.5, "cost_usd": 2.5e6, "energy_mwh": 10.0},
+            {"chip": "trn2", "chips": 16, "fits": False, "error": "the model fits no layout"},
+            {"chip": "h100-sxm", "chips": 64, "time_to_train_days": 1.5, "cost_usd": 1.5e7, "energy_mwh": 20.0}]
+    report.compare_chart(rows, tmp_path / "a.png", "t")
+    fig = drawn[str(tmp_path / "a.png")]
+    time_ax, cost_ax = fig.axes[0], fig.axes[1]
+    assert [t.get_text() for t in time_ax.get_xticklabels()] == ["tpu-v5p\nx64", "trn2\nx16", "h100-sxm\nx64"]
+    assert time_ax.get_title() == "hours to train"  # under two days: hours, not 0.0208 days
+    assert any("does not" in t.get_text() for t in time_ax.texts)
+    assert [p.get_height() for p in time_ax.patches] == pytest.approx([12.0, 0.0, 36.0])
+    assert cost_ax.yaxis.get_major_formatter()(1.5e7, 0) == "$15M"
+    colours = [p.get_facecolor() for p in time_ax.patches]
+    report.compare_chart(list(reversed(rows)), tmp_path / "b.png", "t")
+    again = [p.get_facecolor() for p in drawn[str(tmp_path / "b.png")].axes[0].patches]
+    assert again == list(reversed(colours))  # a chip keeps its colour whatever the order
+
+
+def test_recipe_compare_writes_its_chart(tmp_path, capsys):
+    out = tmp_path / "recipe.png"
+    assert main(["plan", "--recipe", "afm-on-device", "--compare", "tpu-v5p:2048,trn2:1024", "--out", str(out)]) == 0
+    assert f"chart: {out}" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_writes_a_chart(tmp_path, capsys):

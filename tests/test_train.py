@@ -82,8 +82,54 @@ def test_train_tiny_end_to_end(tmp_path):
     assert gen["new_tokens"] >= 1 and isinstance(gen["text"], str) and gen["tokens_per_s"] >= 0
     again = run_cli("generate", "--run-dir", str(run), "--prompt", "def ", "--max-new-tokens", "12", "--greedy", "--json")
     assert json.loads(again.stdout)["tokens"] == gen["tokens"]
+    # Past the 64 positions tiny trained on, generation goes on and says it is extrapolating.
+    past = run_cli("generate", "--run-dir", str(run), "--prompt", "def ", "--max-new-tokens", "70", "--greedy")
+    assert "past the 64 positions the model was trained on" in past.stderr
 
     # Running the finished run again does no work and keeps the result.
     rerun = run_cli("train", "--preset", "tiny", "--run-dir", str(run))
     assert "already complete" in rerun.stderr
     assert json.loads((run / "summary.json").read_text())["params_sha256"] == summary["params_sha256"]
+
+
+@pytest.mark.slow
+def test_a_changed_schedule_is_refused_and_an_extension_reproduces(tmp_path, capsys):
+    """train.steps 20 -> 30 on a resume would stretch the cosine under the 20 steps taken; refused
+    with the way out (optim.decay_steps=20), which config.yaml records, so a fresh run from it
+    reproduces the resumed run bit for bit."""
+    from crosstrain.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--set", "train.steps=20", "--run-dir", str(run)]) == 0
+    assert main(["train", "--preset", "tiny", "--set", "train.steps=30", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "train.steps" in err and "optim.decay_steps=20" in err
+    assert main(["train", "--preset", "tiny", "--set", "train.steps=30", "optim.decay_steps=20", "--run-dir", str(run)]) == 0
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert lrs[21] == pytest.approx(lrs[20])  # held at the schedule's end, no jump back up
+    again = tmp_path / "again"
+    assert main(["train", "--preset", str(run / "config.yaml"), "--run-dir", str(again)]) == 0
+    first, second = (json.loads((d / "summary.json").read_text()) for d in (run, again))
+    assert first["params_sha256"] == second["params_sha256"]
+
+
+@pytest.mark.slow
+def test_heldout_loss_agrees_with_the_late_training_loss(tmp_path):
+    """Well under one epoch, a representative held-out set scores what the training batches of the
+    last steps score, within a few standard errors (the old split, 5 easy documents, was a nat
+    below); and the in-run figure is `crosstrain eval`'s."""
+    from crosstrain.cli import main
+    from crosstrain.evaluate import evaluate_run
+
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--set", "train.steps=80", "data.max_bytes=3000000", "--run-dir", str(run)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    report = json.loads((run / "data_report.json").read_text())["totals"]
+    assert report["heldout_share"] >= 0.01 and summary["eval_tokens"] == report["heldout_tokens"] - 1
+    late = np.array([r["loss"] for r in records[-10:]])
+    se = np.hypot(summary["eval_loss_se"], late.std(ddof=1) / np.sqrt(len(late)))
+    assert abs(summary["eval_loss"] - late.mean()) < 4 * se, (summary["eval_loss"], late.mean(), se)
+    standalone = evaluate_run(run)
+    assert standalone.loss == pytest.approx(summary["eval_loss"], abs=1e-4)
+    assert standalone.loss_se == pytest.approx(summary["eval_loss_se"], rel=1e-3)

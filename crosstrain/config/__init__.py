@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from crosstrain.config.checks import RESUMABLE_KEYS, check_paths, resume_differences, validate
+from crosstrain.config.checks import RESUMABLE_KEYS, check_paths, resume_differences, schedule_change, validate
 from crosstrain.config.presets import load_config, load_run_config, read_preset, save_config, shipped_presets
 from crosstrain.config.schema import (
     SECTIONS,
@@ -90,4 +90,5 @@ __all__ = [
     "shipped_presets",
     "parse_count",
     "resume_differences",
+    "schedule_change",
 ]

@@ -120,29 +120,43 @@ def check_paths(cfg: Config, sections: Sequence[str] = ("data", "init", "distill
     """The files and directories that `sections` of the config name exist (ConfigError naming the
     field). Called by the commands that read them: train (all three), tokenize, bench and the
     data a prune or an evaluation reads (`data`)."""
+    from crosstrain.storage import check_reachable, is_remote
+
+    def exists(path: str, field: str) -> bool:
+        if is_remote(path):
+            check_reachable(path, field, must_exist=True)  # exit 2 with the bucket's answer
+            return True
+        check_reachable(path, field)  # refuses a URL of another scheme
+        return Path(path).exists()
+
     if "data" in sections:
         d = cfg.data
-        if d.path and not Path(d.path).exists():
+        if d.path and not exists(d.path, "data.path"):
             raise ConfigError("data.path", f"{d.path} does not exist")
-        if d.tokenizer and not Path(d.tokenizer).exists():
+        if d.tokenizer and not exists(d.tokenizer, "data.tokenizer"):
             raise ConfigError("data.tokenizer", f"{d.tokenizer} does not exist")
         for i, s in enumerate(d.sources):
-            if not Path(s.path).exists():
+            if not exists(s.path, f"data.sources[{i}].path"):
                 raise ConfigError(f"data.sources[{i}].path", f"{s.path} does not exist")
     if "init" in sections:
-        if cfg.init.from_run and not Path(cfg.init.from_run).is_dir():
+        if cfg.init.from_run and not (exists(cfg.init.from_run, "init.from_run") and
+                                      (is_remote(cfg.init.from_run) or Path(cfg.init.from_run).is_dir())):
             raise ConfigError("init.from_run", f"{cfg.init.from_run} is not a directory")
         if cfg.init.from_hf and not Path(cfg.init.from_hf).is_dir():
             raise ConfigError("init.from_hf", f"{cfg.init.from_hf} is not a directory")
-    if "distill" in sections and cfg.distill.teacher and not Path(cfg.distill.teacher).is_dir():
+    if "distill" in sections and cfg.distill.teacher and not (
+            exists(cfg.distill.teacher, "distill.teacher") and
+            (is_remote(cfg.distill.teacher) or Path(cfg.distill.teacher).is_dir())):
         raise ConfigError("distill.teacher", f"{cfg.distill.teacher} is not a directory")
 
 
-# Keys that may change when a run is resumed: how it is laid out, logged and saved, and how long
-# it runs. Everything else decides what is computed and must match the checkpoint.
+# Keys that may change when a run is resumed: how it is laid out, logged and saved. Everything
+# else decides what is computed and must match the checkpoint; how long it runs may change only
+# where the learning-rate schedule stays the same (schedule_change).
 RESUMABLE_KEYS = {
     "description",
     "train.steps",
+    "optim.decay_steps",
     "train.log_every",
     "train.checkpoint_every",
     "train.eval_every",
@@ -169,8 +183,24 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def schedule_change(old: Config, new: Config) -> str | None:
+    """Why resuming `old` as `new` would change its learning-rate schedule (None if it would not).
+
+    The schedule runs over optim.decay_steps, or train.steps when that is 0: a resume that asks for
+    more (or fewer) steps would otherwise stretch the schedule under steps already taken, and the
+    run's config.yaml would no longer reproduce it."""
+    before = old.optim.decay_steps or old.train.steps
+    after = new.optim.decay_steps or new.train.steps
+    if before == after:
+        return None
+    return (f"train.steps: the run was scheduled over {before} steps and {after} would change its learning-rate "
+            f"schedule; to go on past step {before} on the schedule it ran, add optim.decay_steps={before} "
+            "(config.yaml records it), or use a new --run-dir")
+
+
 def resume_differences(old: Config, new: Config) -> list[str]:
-    """Keys whose values differ in a way that a checkpoint cannot be resumed across."""
+    """Keys whose values differ in a way that a checkpoint cannot be resumed across (a changed
+    learning-rate schedule is schedule_change's)."""
     a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
     diffs = []
     for key in sorted(set(a) | set(b)):

@@ -97,7 +97,9 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 0  # 0: only at the end of the run
     eval_every: int = 0  # 0: only at the end of the run
-    eval_batches: int = 4
+    # Global batches of held-out windows each evaluation takes; 0: every held-out token, which is
+    # what `crosstrain eval` takes, so the two report the same loss (crosstrain/evaluate.py).
+    eval_batches: int = 0
     # A jax.profiler trace of steps profile_start .. profile_start + profile_steps - 1 into
     # RUN_DIR/profile/ (XProf / TensorBoard's profile plugin, Perfetto); 0: no trace.
     profile_start: int = 0

@@ -31,6 +31,7 @@ from crosstrain.config import Config
 from crosstrain.paths import cache_dir
 from crosstrain.data.mixture import Mixture, Phase
 from crosstrain.data.sources import Source, SourceReport, fingerprint, iter_documents, resolve_format, source_files
+from crosstrain.storage import stat
 from crosstrain.data.store import STORE_VERSION, TokenStore, build_store
 from crosstrain.data.tokenizer import eot_id, load_tokenizer, train_bpe
 from crosstrain.errors import UserError
@@ -115,21 +116,19 @@ class Pipeline:
             it.set_state(state)
         return it
 
-    def eval_batches(self, count: int, rows: Optional[tuple[int, int]] = None) -> Iterator[np.ndarray]:
-        """Up to `count` batches of held-out sequences in order (training data if none held out)."""
-        held = [s.heldout for s in self.stores if s.heldout_documents]
-        stream = np.concatenate(held) if held else self.stores[0].train
-        seqs = PackedSequences(stream, self.seq_len)
-        n = min(count, len(seqs) // self.global_batch)
-        for b in range(n):
-            yield np.stack([seqs[b * self.global_batch + j] for j in self._rows(rows)])
+    def heldout_tokens(self) -> np.ndarray:
+        """Every source's held-out tokens, one after the other (empty if nothing is held out)."""
+        held = [s.heldout for s in self.stores if s.heldout.size]
+        return np.concatenate(held) if held else np.zeros(0, np.int32)
 
     def report(self) -> dict:
         reports = [s.report for s in self.stores]
         totals = {
-            key: sum(r[key] for r in reports)
-            for key in ("documents", "tokens", "empty_skipped", "invalid_utf8", "malformed_lines", "missing_field", "long_lines_split", "heldout_documents")
+            key: sum(r.get(key, 0) for r in reports)
+            for key in ("documents", "tokens", "empty_skipped", "invalid_utf8", "malformed_lines", "missing_field",
+                        "long_lines_split", "heldout_documents", "heldout_tokens")
         }
+        totals["heldout_share"] = totals["heldout_tokens"] / max(1, totals["tokens"])
         return {"sources": reports, "totals": totals}
 
 
@@ -153,6 +152,9 @@ def _progress(total: int, label: str):
 
 def _describe(report: dict) -> str:
     parts = [f"{report['documents']:,} documents, {report['tokens']:,} tokens"]
+    if report.get("heldout_tokens"):
+        parts.append(f"{report['heldout_tokens']:,} tokens held out ({100 * report['heldout_share']:.1f}%, "
+                     f"from {report['heldout_documents']} documents)")
     if report["empty_skipped"]:
         parts.append(f"{report['empty_skipped']} empty skipped")
     if report["invalid_utf8"]:
@@ -219,7 +221,7 @@ def build_pipeline(cfg: Config, *, run_dir: Optional[Path] = None, write_files: 
         root = cache_dir() / "stores"
         bar = None
         if not (root / key / "meta.json").is_file():
-            total = sum(f.stat().st_size for f in fs)
+            total = sum(stat(f)[0] for f in fs)
             total = min(total, cfg.data.max_bytes) if cfg.data.max_bytes else total
             log.info("tokenizing %s (%.1f MB) into the token store (cached for later runs)", src.label, total / 1e6)
             bar = _progress(total, "tokenize")

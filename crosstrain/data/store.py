@@ -1,11 +1,16 @@
 """The token store: one source tokenized once into a memory-mapped array, cached on disk.
 
-Documents are concatenated, each followed by the end-of-document token. Documents chosen for the
-held-out split (by a hash of their name, so the split does not depend on order) are written after
-all training documents, so the training stream is `tokens[:train_end]` and the held-out stream is
-`tokens[train_end:]`. The cache key covers the source's content fingerprint, the tokenizer and the
-settings; a store is written into a temporary directory and renamed into place, so a killed build
-leaves no half-written store behind.
+Documents are concatenated, each followed by the end-of-document token. The held-out split is
+counted in tokens, per source: at least `holdout` of the source's tokens, and at least
+HOLDOUT_FLOOR tokens (a stable mean) where that stays within HOLDOUT_CAP of the source. Documents
+are taken in the order of a hash of their name (so the split does not depend on file order, and
+is the same on every machine) until the held-out share is reached; the last one taken is cut, its
+tail held out and its head kept for training, so the share is met exactly and a source of one
+large document is split too. Held-out tokens are written after all training tokens, so the
+training stream is `tokens[:train_end]` and the held-out stream is `tokens[train_end:]`. The cache
+key covers the source's content fingerprint, the tokenizer and the settings; a store is written
+into a temporary directory and renamed into place, so a killed build leaves no half-written store
+behind.
 
 Tokenization runs in batches through `encode_batch_fast` (Rust, all cores). Long documents are cut
 into pieces of about `CHUNK_CHARS` just before a space or newline that follows a non-space
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -31,7 +37,11 @@ from tokenizers import Tokenizer
 from crosstrain.data.corpus import Document
 from crosstrain.data.sources import SourceReport
 
-STORE_VERSION = 2
+STORE_VERSION = 3
+# The held-out split (module docstring): a floor in tokens for a stable mean, taken only where it
+# stays within a cap on the source's share.
+HOLDOUT_FLOOR = 50_000
+HOLDOUT_CAP = 0.10
 CHUNK_CHARS = 8192
 LONG_LINE = 1 << 20
 # Just before a space or newline that follows a non-space character: no pre-token (GPT-2-style
@@ -58,11 +68,32 @@ class TokenStore:
         return self.tokens[self.train_end :]
 
 
-def is_heldout(name: str, fraction: float) -> bool:
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
-    return (h % 1_000_000) < fraction * 1_000_000
+def name_order(name: str) -> int:
+    """Where a document stands in the held-out order: a hash of its name."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+
+
+def heldout_target(total: int, fraction: float) -> int:
+    """Tokens to hold out of a source of `total` tokens."""
+    if fraction <= 0 or total <= 0:
+        return 0
+    return int(min(total - 1, max(math.ceil(fraction * total), min(HOLDOUT_FLOOR, HOLDOUT_CAP * total))))
+
+
+def choose_heldout(lengths: list[int], orders: list[int], target: int) -> tuple[list[int], Optional[tuple[int, int]]]:
+    """(documents held out whole, (document, tail tokens) cut or None) to hold out `target` tokens,
+    documents taken in `orders`' order."""
+    whole: list[int] = []
+    need = target
+    for i in sorted(range(len(lengths)), key=lambda j: orders[j]):
+        if need <= 0:
+            break
+        if lengths[i] <= need:
+            whole.append(i)
+            need -= lengths[i]
+        else:
+            return whole, (i, need)
+    return whole, None
 
 
 def token_dtype(vocab_size: int):
@@ -119,12 +150,12 @@ def build_store(
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=root))
     try:
         dtype = token_dtype(tokenizer.get_vocab_size())
-        heldout_parts: list[np.ndarray] = []
-        n_docs = n_held = n_train_tokens = 0
-        with open(tmp / "tokens.bin", "wb") as out:
+        lengths: list[int] = []
+        orders: list[int] = []
+        # First pass: every document's tokens in file order; the split is chosen once all are counted.
+        with open(tmp / "all.bin", "wb") as out:
 
             def flush(batch: list[Document]) -> None:
-                nonlocal n_docs, n_held, n_train_tokens
                 pieces, owners = [], []
                 for i, doc in enumerate(batch):
                     parts = split_text(doc.text, report)
@@ -136,13 +167,9 @@ def build_store(
                     per_doc[owner].append(np.asarray(enc.ids, dtype=dtype))
                 for doc, parts in zip(batch, per_doc):
                     arr = np.concatenate([*parts, np.array([eot], dtype=dtype)])
-                    n_docs += 1
-                    if is_heldout(doc.name, holdout):
-                        n_held += 1
-                        heldout_parts.append(arr)
-                    else:
-                        out.write(arr.tobytes())
-                        n_train_tokens += arr.size
+                    out.write(arr.tobytes())
+                    lengths.append(int(arr.size))
+                    orders.append(name_order(doc.name))
                     if progress:
                         progress(len(doc.text))
 
@@ -158,18 +185,43 @@ def build_store(
                     pending, chars = [], 0
             if pending:
                 flush(pending)
-            for arr in heldout_parts:
-                out.write(arr.tobytes())
-            total = n_train_tokens + sum(a.size for a in heldout_parts)
-        report.tokens = int(total)
-        report.heldout_documents = n_held
+        total = sum(lengths)
+        whole, cut = choose_heldout(lengths, orders, heldout_target(total, holdout))
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        everything = np.memmap(tmp / "all.bin", dtype=dtype, mode="r", shape=(total,)) if total else np.zeros(0, dtype)
+        held = set(whole)
+        n_train = 0
+        # Second pass: training tokens in file order (a cut document's head ends with its own
+        # end-of-document token), then the held-out tokens in the split's order.
+        with open(tmp / "tokens.bin", "wb") as out:
+            for i in range(len(lengths)):
+                if i in held:
+                    continue
+                doc = everything[starts[i]:starts[i + 1]]
+                if cut is not None and cut[0] == i:
+                    doc = np.concatenate([doc[: len(doc) - cut[1]], np.array([eot], dtype=dtype)])
+                out.write(np.asarray(doc).tobytes())
+                n_train += len(doc)
+            tail = [everything[starts[i]:starts[i + 1]] for i in whole]
+            if cut is not None:
+                tail.append(everything[starts[cut[0] + 1] - cut[1]:starts[cut[0] + 1]])
+            for part in tail:
+                out.write(np.asarray(part).tobytes())
+            n_held = sum(len(part) for part in tail)
+        del everything
+        (tmp / "all.bin").unlink()
+        n_docs = len(lengths)
+        report.tokens = int(n_train + n_held)
+        report.heldout_documents = len(whole) + (cut is not None)
+        report.heldout_tokens = int(n_held)
+        report.heldout_share = n_held / max(1, n_train + n_held)
         meta = {
             "version": STORE_VERSION,
             "dtype": np.dtype(dtype).name,
-            "tokens": int(total),
-            "train_end": int(n_train_tokens),
+            "tokens": int(n_train + n_held),
+            "train_end": int(n_train),
             "documents": n_docs,
-            "heldout_documents": n_held,
+            "heldout_documents": report.heldout_documents,
             "report": report.to_dict(),
         }
         (tmp / "meta.json").write_text(json.dumps(meta))

@@ -35,6 +35,11 @@ REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "selective",
 LAYOUT_FLAGS = {**{k: type(getattr(Layout(), k)) for k in SEARCH_LAYOUT_FLAGS}, "flash": bool}
 
 
+class Refused(UserError):
+    """A published run the planner cannot lay out: reported as a refused row, never the end of
+    the command (a malformed row is still a user error)."""
+
+
 @dataclass
 class CaseResult:
     id: str
@@ -54,6 +59,11 @@ class CaseResult:
     family: str = ""
     loso_predicted: Optional[float] = None
     loso_rel_error: Optional[float] = None
+    memory_per_device_gib: Optional[float] = None  # the planner's, for the layout priced
+    capacity_gib: Optional[float] = None
+    memory_fits: Optional[bool] = None
+    refused: bool = False  # no layout could be priced; `reason` says why (a 100% miss)
+    reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -156,7 +166,23 @@ def result_of(p: Prepared) -> CaseResult:
         rel_error=(predicted - actual) / actual, chip=p.chip.name, chips=p.chips, layout=est.layout.describe(),
         remat=est.layout.remat, global_batch=p.batch, step_time_s=est.step_time_s, assumed=p.assumed,
         source=p.row.get("source", ""), group=p.group, family=p.family,
+        memory_per_device_gib=est.memory_per_device_gib, capacity_gib=est.capacity_gib, memory_fits=est.fits,
     )
+
+
+def refused_result(row: dict[str, str], reason: str) -> CaseResult:
+    """A published run the planner could not lay out: reported, and counted as a 100% miss."""
+    chip = row.get("chip", "")
+    try:
+        family = get_chip(chip).family
+    except UserError:
+        family = ""
+    actual = float(row["value"])
+    return CaseResult(id=row["id"], metric=row["metric"], predicted=float("nan"), actual=actual, rel_error=-1.0,
+                      chip=chip, chips=int(float(row.get("chips") or 0)), layout="", remat="", global_batch=0,
+                      step_time_s=float("nan"), source=row.get("source", ""),
+                      group=(row.get("group") or row["id"]).strip(), family=family, loso_predicted=float("nan"),
+                      loso_rel_error=-1.0, memory_fits=False, refused=True, reason=reason)
 
 
 def prepare_case(row: dict[str, str]) -> Prepared:
@@ -233,7 +259,8 @@ def prepare_case(row: dict[str, str]) -> Prepared:
         assumed.append(f"memory: the planner estimates {est.memory_per_device_gib:.0f} GiB per device, over "
                        f"the catalog's {est.capacity_gib:.0f} GiB for {chip.name}")
     if est is None:
-        raise UserError(f"--cases: row {row['id']}: no layout with {row.get('tp') or 'any'} tp fits the model on {chips} {chip.name}")
+        raise Refused(f"--cases: row {row['id']}: no layout with {row.get('tp') or 'any'} tp fits the model on "
+                      f"{chips} {chip.name}")
     for key in ("tp", "pp", "dp", "fsdp", "cp"):
         if key not in fixed:
             assumed.append(f"{key}={getattr(est.layout, key)} (searched)")
@@ -297,12 +324,19 @@ def evaluate_cases(path: Path) -> dict[str, Any]:
     from crosstrain.planner.calibrate import fit_and_leave_one_group_out
 
     rows = read_cases(path)
-    prepared = [prepare_case(r) for r in rows]
+    prepared, refused = [], []
+    for r in rows:
+        try:
+            prepared.append(prepare_case(r))
+        except Refused as e:  # one row that cannot be laid out is a result, not the end
+            refused.append(refused_result(r, str(e).split(": ", 2)[-1]))
     results = [result_of(p) for p in prepared]
     fitted, loso = fit_and_leave_one_group_out(prepared)
     for r, p in zip(results, prepared):
         r.loso_predicted = loso[p.row["id"]]
         r.loso_rel_error = (r.loso_predicted - r.actual) / r.actual
+    order = {r["id"]: i for i, r in enumerate(rows)}
+    results = sorted(results + refused, key=lambda r: order[r.id])
     errors = [r.rel_error for r in results]
     loso_errors = [r.loso_rel_error for r in results]
     worst = max(range(len(results)), key=lambda i: abs(errors[i]))
@@ -311,19 +345,22 @@ def evaluate_cases(path: Path) -> dict[str, Any]:
     def breakdown(key) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for r in results:
-            out.setdefault(key(r), []).append(r)
+            if not r.refused:
+                out.setdefault(key(r), []).append(r)
         return {k: {"count": len(v), "median_rel_error": statistics.median(x.rel_error for x in v),
                     "median_speed_error": statistics.median(speed_error(x) for x in v),
                     "median_abs_rel_error": statistics.median(abs(x.rel_error) for x in v),
                     "loso_median_abs_rel_error": statistics.median(abs(x.loso_rel_error) for x in v)}
                 for k, v in sorted(out.items())}
 
-    groups = sorted({p.group for p in prepared})
+    groups = sorted({r.group for r in results})
     return {
         "cases": [r.to_dict() for r in results],
         "summary": {
             "count": len(results),
             "groups": len(groups),
+            "refused": len(refused),
+            "memory_fit_fraction": sum(bool(r.memory_fits) for r in results) / len(results),
             **_summary(errors),
             "mean_abs_rel_error": statistics.fmean(abs(e) for e in errors),
             "worst": results[worst].id,

@@ -42,6 +42,7 @@ class Options:
     pue: float = 1.0
     objective: str = "time"
     slices: int = 1  # TPU slices joined by the data-centre network
+    max_days: Optional[float] = None  # a deadline: --objective cost takes the cheapest plan within it
 
 
 def _validate(cfg: Config, chip: Chip, opts: Options) -> int:
@@ -69,6 +70,8 @@ def _validate(cfg: Config, chip: Chip, opts: Options) -> int:
         raise UserError(f"--remat: must be none, selective, dots, attention or full, got {opts.remat}")
     if opts.objective not in ("time", "cost"):
         raise UserError(f"--objective: must be time or cost, got {opts.objective}")
+    if opts.max_days is not None and not opts.max_days > 0:
+        raise UserError(f"--max-days: must be positive, got {opts.max_days}")
     for name, v in (("--price", opts.price), ("--power", opts.power), ("--pue", opts.pue)):
         if v is not None and v < 0:
             raise UserError(f"{name}: must be >= 0, got {v}")
@@ -130,12 +133,17 @@ def plan(cfg: Config, opts: Options) -> dict[str, Any]:
     chip = get_chip(opts.chip)
     devices = _validate(cfg, chip, opts)
     m, t = cfg.model, cfg.train
-    tokens = opts.tokens or float(t.steps * t.batch * m.seq_len)
     tokens_per_step = t.batch * m.seq_len
+    # Whole steps of the global batch: the budget planned is what those steps train on.
+    steps = math.ceil((opts.tokens or float(t.steps * tokens_per_step)) / tokens_per_step)
+    tokens = float(steps * tokens_per_step)
     est, tried = best_estimate(cfg, chip, devices, opts)
+    fastest_days = steps * est.step_time_s / 86400
     chips_used = opts.chips
+    notes: list[str] = []
     if opts.objective == "cost" and not opts.parallelism:
-        # The cheapest run within the chip budget: fewer chips can be more efficient per chip.
+        # The cheapest run within the chip budget (and the deadline): fewer chips can be more
+        # efficient per chip, and take longer.
         n = opts.chips // 2
         while n >= 1:
             try:
@@ -143,10 +151,18 @@ def plan(cfg: Config, opts: Options) -> dict[str, Any]:
             except UserError:
                 break
             tried += more
-            if cand.fits and cand.step_time_s * n < est.step_time_s * chips_used:
+            in_time = opts.max_days is None or steps * cand.step_time_s / 86400 <= opts.max_days
+            if cand.fits and in_time and cand.step_time_s * n < est.step_time_s * chips_used:
                 est, chips_used = cand, n
             n //= 2
-    steps = tokens / tokens_per_step
+        days = steps * est.step_time_s / 86400
+        if opts.max_days is None and days > 3 * fastest_days:
+            notes.append(f"the cheapest plan takes {days:,.1f} days, {days / fastest_days:.0f}x the {fastest_days:,.1f} days "
+                         f"on all {opts.chips:,} chips; give --max-days to bound it")
+    days = steps * est.step_time_s / 86400
+    if opts.max_days is not None and days > opts.max_days:
+        notes.append(f"no plan on up to {opts.chips:,} {chip.name} finishes within --max-days {opts.max_days:g}: "
+                     f"the fastest takes {fastest_days:,.1f} days")
     seconds = steps * est.step_time_s
     price = chip.price_per_hour if opts.price is None else opts.price
     power = chip.power_w if opts.power is None else opts.power
@@ -180,7 +196,7 @@ def plan(cfg: Config, opts: Options) -> dict[str, Any]:
         "energy_mwh": chip_hours * power * opts.pue / 1e6,
         "time_breakdown": est.time,
         "memory_breakdown_gib": {k: v * chip.devices_per_chip / GIB for k, v in est.memory.items()},
-        "notes": est.notes + [
+        "notes": notes + est.notes + [
             f"price: {chip.sources.get('price', 'n/a')}" if opts.price is None else f"price: {price} USD per chip-hour (--price)",
             f"power: {chip.sources.get('power', 'n/a')}; chip power only x PUE {opts.pue}" if opts.power is None
             else f"power: {power} W per chip (--power) x PUE {opts.pue}",

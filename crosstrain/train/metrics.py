@@ -72,18 +72,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(records: Iterable[dict[str, Any]], path: Path, *, title: str = "") -> None:
+    """Training loss at every logged step, and the held-out loss with its standard error where
+    evaluated (a logged step with an evaluation keeps its training loss too)."""
     plt = pyplot()
     records = list(records)
-    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and "eval_loss" not in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"], r.get("eval_loss_se") or 0.0) for r in records
+             if r.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
+        ax.plot(*zip(*train), label="training loss", lw=1.2, marker="." if len(train) <= 60 else None, ms=3)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out loss", lw=1.2, ms=4)
+        steps, losses, se = zip(*evals)
+        ax.errorbar(steps, losses, yerr=[2 * e for e in se], fmt="o-", label="held-out loss (± 2 standard errors)",
+                    lw=1.2, ms=4, capsize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("next-token cross-entropy (nats)")
-    ax.set_title(title or "training loss")
+    ax.set_title(title or "training loss", fontsize=10, wrap=True)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -144,6 +149,11 @@ class Records:
         if self.bar is not None:
             self.bar.n = step
             self.bar.refresh()
+
+    def flush(self) -> None:
+        """Everything written so far on disk (metrics.jsonl is flushed at every record)."""
+        if self.tb is not None:
+            self.tb.flush()
 
     def pause(self) -> None:
         """The loop ended (done, preempted or failed): close the bar and the JSONL file, flush."""

@@ -16,6 +16,7 @@ SCALARS = {
     "loss": "train/loss",
     "distill_loss": "train/distill_loss",
     "eval_loss": "eval/loss",
+    "eval_loss_se": "eval/loss_standard_error",
     "eval_perplexity": "eval/perplexity",
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
