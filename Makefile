@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make demo   create .venv, install crosstrain, train the demo model on the built-in corpus, sample from it
-#   make test   create .venv, install crosstrain with its dev and tpu extras, run the whole test suite
+#   make test   create .venv, install crosstrain with its dev, tpu, cuda and cloud extras, run the whole test suite
 # and, for the inner loop of development:
 #   make test-fast   the same without the tests marked slow (multi-process, whole runs, AOT, parity)
 VENV ?= .venv
@@ -18,7 +18,7 @@ install: $(PY)
 	$(PIP) install --quiet -e .
 
 install-dev: $(PY)
-	$(PIP) install --quiet -e '.[dev,tpu]'
+	$(PIP) install --quiet -e '.[dev,tpu,cuda,cloud]'
 
 demo: install
 	rm -rf runs/demo

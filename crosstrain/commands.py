@@ -46,7 +46,11 @@ def _compilation_cache() -> None:
 
 
 def _make_run_dir(name: str) -> Path:
-    run_dir = Path(name)
+    """The directory a command writes a run into: a local one, or the working copy of one in a
+    bucket (crosstrain/storage.py; its files go back to the bucket as the command goes on)."""
+    from crosstrain.storage import open_run
+
+    run_dir = open_run(name, create=True)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -77,13 +81,17 @@ def cmd_generate(args) -> int:
     from crosstrain.generate import Sampling, generate
 
     logsetup.setup()
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"--run-dir: {run_dir} does not exist")
+    given = [name for name, v in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p))
+             if v is not None]
+    if args.greedy and given:
+        raise UserError(f"--greedy: takes the most likely token, so {', '.join(given)} would do nothing; give one or the other")
     sampling = Sampling(
-        greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+        greedy=args.greedy, temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed
     )
-    out = generate(run_dir, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)
+    if not args.run_dir.startswith(("gs://", "s3://")) and not Path(args.run_dir).is_dir():
+        raise UserError(f"--run-dir: {args.run_dir} does not exist")
+    out = generate(_run_dir(args.run_dir), args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling)
     if args.json:
         print(
             json.dumps(
@@ -108,10 +116,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _run_dir(path: str) -> Path:
-    run_dir = Path(path)
+def _run_dir(path: str, field: str = "--run-dir") -> Path:
+    """An existing run directory to read: local, or a working copy of one in a bucket."""
+    from crosstrain.storage import local_run
+
+    run_dir = local_run(path, field)
     if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"--run-dir: {run_dir} is not a crosstrain run directory (no config.yaml)")
+        raise UserError(f"{field}: {path} is not a crosstrain run directory (no config.yaml)")
     return run_dir
 
 
@@ -145,12 +156,14 @@ def cmd_import(args) -> int:
     from crosstrain.flops import param_count
     from crosstrain.hf import apply_hf_model, load_hf_params
     from crosstrain.runtime import refuse_existing_checkpoints, write_new_run
+    from crosstrain.storage import push
 
     logsetup.setup()
     cfg = load_config(args.preset, args.overrides) if args.preset else config_from_dict({}, args.overrides)
-    hf_dir, run_dir = Path(args.hf), Path(args.run_dir)
+    hf_dir = Path(args.hf)
     if not hf_dir.is_dir():
         raise UserError(f"--hf: {hf_dir} is not a directory")
+    run_dir = _make_run_dir(args.run_dir)
     refuse_existing_checkpoints(run_dir, "import")
     cfg = apply_hf_model(cfg, hf_dir)
     if not (hf_dir / "tokenizer.json").is_file():
@@ -160,7 +173,8 @@ def cmd_import(args) -> int:
     shutil.copyfile(hf_dir / "tokenizer.json", run_dir / "tokenizer.json")
     cfg = cfg.override(data={"tokenizer": str((run_dir / "tokenizer.json").absolute())})
     write_new_run(run_dir, cfg, params, {"imported_from": str(hf_dir)})
-    result = {"run_dir": str(run_dir), "model": cfg.to_dict()["model"], "parameters": param_count(cfg.model)}
+    push(run_dir)
+    result = {"run_dir": args.run_dir, "model": cfg.to_dict()["model"], "parameters": param_count(cfg.model)}
     print(json.dumps(result) if args.json else
           f"imported {result['parameters'] / 1e6:.2f}M parameters into {args.run_dir}; continue with: "
           f"crosstrain train --preset {Path(args.run_dir) / 'config.yaml'} --run-dir {args.run_dir}")
@@ -173,11 +187,13 @@ def cmd_prune(args) -> int:
 
     logsetup.setup()
     _compilation_cache()
-    source = Path(args.source)
-    if not (source / "config.yaml").is_file():
-        raise UserError(f"--from: {source} is not a crosstrain run directory")
-    result = prune(source, Path(args.run_dir), ffn=args.ffn, steps=args.steps, lr=args.lr,
-                   overrides=tuple(args.overrides), data=args.data)
+    from crosstrain.storage import push
+
+    source = _run_dir(args.source, "--from")
+    out = _make_run_dir(args.run_dir)
+    result = prune(source, out, ffn=args.ffn, steps=args.steps, lr=args.lr, overrides=tuple(args.overrides),
+                   data=args.data)
+    push(out)
     print(json.dumps(result, indent=1) if args.json else
           f"pruned the MLPs of {source} from {result['ffn'][0]} to {result['ffn'][1]} hidden units "
           f"({result['parameters'][0] / 1e6:.2f}M -> {result['parameters'][1] / 1e6:.2f}M parameters); held-out loss "
@@ -205,11 +221,15 @@ def cmd_eval(args) -> int:
     logsetup.setup()
     if args.text_file and args.data:
         raise UserError("eval: give --text-file or --data, not both")
-    result = evaluate_run(_run_dir(args.run_dir), text_file=Path(args.text_file) if args.text_file else None, data=args.data)
+    if args.max_tokens < 0:
+        raise UserError(f"--max-tokens: must be >= 0, got {args.max_tokens}")
+    result = evaluate_run(_run_dir(args.run_dir), text_file=Path(args.text_file) if args.text_file else None, data=args.data,
+                          max_tokens=args.max_tokens)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {result.bits_per_byte:.4f}  "
+        print(f"loss {result.loss:.4f} ± {result.loss_se:.4f} (standard error over {result.windows:,} windows)  "
+              f"perplexity {result.perplexity:.2f}  bits/byte {result.bits_per_byte:.4f}  "
               f"({result.tokens:,} tokens, {result.bytes:,} bytes)")
     return 0
 
@@ -238,7 +258,7 @@ def cmd_plan(args) -> int:
         tokens=parse_count(args.tokens, "--tokens") if args.tokens else None,
         parallelism=parse_parallelism(args.parallelism) if args.parallelism else None,
         remat=args.remat, price=args.price, power=args.power, power_cap=args.power_cap, pue=args.pue,
-        objective=args.objective, slices=args.slices,
+        objective=args.objective, slices=args.slices, max_days=args.max_days,
     )
     if args.recipe:
         from crosstrain.recipe import plan_recipe
@@ -247,10 +267,15 @@ def cmd_plan(args) -> int:
         if not all(c and n for c, n in targets):
             raise UserError("plan --recipe: give --chip and --chips, or --compare CHIP:N,...")
         results = [plan_recipe(args.recipe, c, n) for c, n in targets]
+        out = Path(args.out) if args.out else None
+        if out is not None:
+            report.recipe_compare_chart(results, out)
         if args.json:
             print(json.dumps(results if len(results) > 1 else results[0], indent=1))
         else:
             print("\n".join(report.recipe_table(r) for r in results))
+        if out is not None:
+            print(f"chart: {out}", file=sys.stderr if args.json else sys.stdout)
         return 0
     if args.compare:
         targets = parse_compare(args.compare)
@@ -263,6 +288,8 @@ def cmd_plan(args) -> int:
             print(report.compare_table(rows))
             print(f"chart: {out}")
         return 0
+    if args.chips is not None and args.chips < 1:
+        raise UserError(f"--chips: must be >= 1, got {args.chips}")
     if not args.chip or not args.chips:
         raise UserError("plan: give --chip and --chips (or --compare CHIP:N,...)")
     result = plan(cfg, opts)
@@ -330,6 +357,7 @@ def cmd_launch(args) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    return launch(command, processes=args.processes, devices_per_process=args.devices_per_process, port=args.port)
+    return launch(command, processes=args.processes, devices_per_process=args.devices_per_process, port=args.port,
+                  process_caches=args.process_caches)
 
 

@@ -24,6 +24,7 @@ from crosstrain.errors import UserError
 from crosstrain.model import init_params, param_axes, param_shapes
 from crosstrain.parallel.mesh import AXES, build_mesh, check_model_fits_mesh, resolve_shape
 from crosstrain.parallel.rules import logical_to_spec, named_sharding
+from crosstrain.storage import checkpoint_dir, local_run, remote_of
 from crosstrain.resolve import Resolved, resolve_model
 from crosstrain.train import optimizer
 from crosstrain.train.checkpoint import Checkpointer, abstract_like
@@ -89,7 +90,7 @@ def state_around(setup: Setup, params: Any) -> TrainState:
 def latest_state_of(source: Path, source_cfg: Config, setup: Setup, field: str) -> tuple[int, TrainState]:
     """(step, state) of another run's latest valid checkpoint, restored onto `setup`'s mesh;
     `field` names the setting that pointed there, for the error when it has none."""
-    ckpt = Checkpointer(source / "checkpoints", source_cfg.checkpoint, primary=False)
+    ckpt = Checkpointer(checkpoint_dir(source), source_cfg.checkpoint, primary=False)
     try:
         found = ckpt.restore_latest(abstract_train_state(setup))
     finally:
@@ -128,7 +129,7 @@ class Teacher:
 def load_teacher(student: Config, devices) -> Teacher:
     """The teacher run's latest parameters, on the student's mesh and sharding rules (`train`
     has already checked that the vocabularies match)."""
-    directory = Path(student.distill.teacher)
+    directory = local_run(student.distill.teacher, "distill.teacher")
     tcfg = load_run_config(directory)
     try:
         tsetup = make_setup(tcfg.override(mesh={**student.to_dict()["mesh"], "rule": "none"}, train=student.train,
@@ -145,10 +146,27 @@ def load_teacher(student: Config, devices) -> Teacher:
 # The compiled step and its batches.
 
 
-def compile_train_step(cfg: Config, setup: Setup, state: TrainState, teacher: Optional[Teacher] = None):
+def compile_train_step(cfg: Config, setup: Setup, state: TrainState, teacher: Optional[Teacher] = None,
+                       compiler_options: Optional[dict[str, Any]] = None):
     """The train step jitted with the mesh's shardings (state donated) and compiled ahead of time
     for `state` (concrete or abstract) and a global batch of token ids; call inside `activate`.
-    With a `teacher` its parameters are the step's fourth argument."""
+    With a `teacher` its parameters are the step's fourth argument. `compiler_options`: XLA
+    options for this compile alone."""
+    from crosstrain.parallel.compile_log import watch_compiler
+
+    with watch_compiler() as compile_log:
+        compiled = _compile_train_step(cfg, setup, state, teacher, compiler_options)
+    if compile_log.rematerializations:
+        # The partitioner replicated tensors it could not reshard (parallel/compile_log.py): the
+        # step runs, but moves and holds them whole on every device.
+        log.warning("the SPMD partitioner replicated %d tensor(s) it could not reshard (involuntary full "
+                    "rematerialization): %s", len(compile_log.rematerializations),
+                    "; ".join(compile_log.rematerializations[:3]))
+    return compiled
+
+
+def _compile_train_step(cfg: Config, setup: Setup, state: TrainState, teacher: Optional[Teacher],
+                        compiler_options: Optional[dict[str, Any]]):
     index = jax.ShapeDtypeStruct((), jnp.int32)
     batch_struct = jax.ShapeDtypeStruct((cfg.train.batch, cfg.model.seq_len + 1), jnp.int32,
                                         sharding=setup.batch_sharding)
@@ -159,14 +177,14 @@ def compile_train_step(cfg: Config, setup: Setup, state: TrainState, teacher: Op
             out_shardings=(setup.state_shardings, setup.replicated),
             donate_argnums=(0,),
         )
-        return step_fn.lower(state, batch_struct, index).compile()
+        return step_fn.lower(state, batch_struct, index).compile(compiler_options)
     step_fn = jax.jit(
         make_train_step(cfg, teacher.cfg.model),
         in_shardings=(setup.state_shardings, setup.batch_sharding, setup.replicated, teacher.shardings),
         out_shardings=(setup.state_shardings, setup.replicated),
         donate_argnums=(0,),
     )
-    return step_fn.lower(state, batch_struct, index, teacher.params).compile()
+    return step_fn.lower(state, batch_struct, index, teacher.params).compile(compiler_options)
 
 
 def batch_rows(sharding: NamedSharding, shape: tuple[int, ...], devices: Sequence) -> tuple[int, int]:
@@ -248,7 +266,7 @@ def load_run(run_dir: Path, *, step: Optional[int] = None) -> tuple[Config, Any,
     its latest (or given) committed checkpoint, on that device. Reads only the run directory."""
     cfg = load_run_config(run_dir)
     cfg = cfg.replace(mesh=MeshConfig(data=1, fsdp=1, tensor=1, rule="none"))
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, primary=False)
+    ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint, primary=False)
     try:
         setup = make_setup(cfg, jax.devices()[:1])
         if step is None:
@@ -265,8 +283,10 @@ def load_run(run_dir: Path, *, step: Optional[int] = None) -> tuple[Config, Any,
 
 def refuse_existing_checkpoints(run_dir: Path, what: str) -> None:
     """A new run is written only where no run's checkpoints are (`what`: import, prune)."""
-    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise UserError(f"--run-dir: {run_dir} already holds checkpoints; {what} into a new directory")
+    ckpts = checkpoint_dir(run_dir)
+    if ckpts.exists() and any(ckpts.iterdir()):
+        where = remote_of(run_dir) or run_dir
+        raise UserError(f"--run-dir: {where} already holds checkpoints; {what} into a new directory")
 
 
 def write_new_run(run_dir: Path, cfg: Config, params: Any, meta: dict[str, Any], devices=None) -> None:
@@ -274,7 +294,7 @@ def write_new_run(run_dir: Path, cfg: Config, params: Any, meta: dict[str, Any],
     step-0 checkpoint (`meta` joins its metadata), and config.yaml. The tokenizer is the caller's."""
     setup = make_setup(cfg, jax.devices() if devices is None else devices)
     state = state_around(setup, params)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint)
     ckpt.save(0, state, {"step": 0, "data": {"iterator": {"next_index": 0}}, "config": cfg.fingerprint(), **meta},
               wait=True)
     ckpt.close()

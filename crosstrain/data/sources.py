@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 
 from crosstrain.data.corpus import Document, stdlib_files
 from crosstrain.errors import UserError
+from crosstrain.storage import AnyPath, as_path, check_url, describe_error, is_remote, stat
 
 FIRST_BAD = 5  # line numbers kept per kind of bad record
 
@@ -43,7 +44,9 @@ class SourceReport:
     missing_field: int = 0
     long_lines_split: int = 0
     tokens: int = 0
-    heldout_documents: int = 0
+    heldout_documents: int = 0  # documents held out whole or in part (the last one is cut)
+    heldout_tokens: int = 0
+    heldout_share: float = 0.0  # of the source's tokens
     first_malformed: list[str] = field(default_factory=list)
     first_missing_field: list[str] = field(default_factory=list)
 
@@ -86,8 +89,13 @@ def _hf_root(path: Path) -> Optional[Path]:
 def resolve_format(path: str, fmt: str, name: str) -> str:
     if not path:
         return "stdlib"
-    p = Path(path)
-    if not p.exists():
+    check_url(path, name)
+    p = as_path(path)
+    try:
+        exists = p.exists()
+    except Exception as e:  # a bucket's refusal (missing, denied, bad credentials): one line
+        raise UserError(f"{name}: {describe_error(path, e)}") from None
+    if not exists:
         raise UserError(f"{name}: {path} does not exist")
     if fmt != "auto":
         if fmt == "hf" and _hf_root(p) is None:
@@ -107,10 +115,10 @@ def resolve_format(path: str, fmt: str, name: str) -> str:
     return kind
 
 
-def source_files(src: Source) -> list[Path]:
+def source_files(src: Source) -> list[AnyPath]:
     if src.format == "stdlib":
         return stdlib_files()
-    p = Path(src.path)
+    p = as_path(src.path)
     if src.format == "hf":
         root = _hf_root(p)
         state = json.loads((root / "state.json").read_text())
@@ -118,23 +126,24 @@ def source_files(src: Source) -> list[Path]:
     if p.is_file():
         return [p]
     pattern = {"text": src.glob, "jsonl": "**/*.jsonl", "parquet": "**/*.parquet"}[src.format]
-    files = sorted(f for f in p.glob(pattern) if f.is_file())
+    files = sorted((f for f in p.glob(pattern) if f.is_file()), key=str)
     if not files:
         raise UserError(f"data: no files matching {pattern} under {src.path}")
     return files
 
 
-def fingerprint(files: list[Path], sample: int = 1 << 16) -> str:
+def fingerprint(files: list[AnyPath], sample: int = 1 << 16) -> str:
     """Identity of a source's content: each file's path, size, modification time, and a hash of its
-    first and last 64 KiB (so an edit that keeps size and time still shows)."""
+    first and last 64 KiB (so an edit that keeps size and time still shows). Objects in a bucket
+    are read the same way (two ranged reads each)."""
     h = hashlib.sha256()
     for f in files:
-        st = f.stat()
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        with open(f, "rb") as fh:
+        size, mtime = stat(f)
+        h.update(f"{f}\0{size}\0{mtime}\n".encode())
+        with f.open("rb") as fh:
             h.update(fh.read(sample))
-            if st.st_size > sample:
-                fh.seek(max(sample, st.st_size - sample))
+            if size > sample:
+                fh.seek(max(sample, size - sample))
                 h.update(fh.read(sample))
     return h.hexdigest()
 
@@ -168,9 +177,9 @@ def _iter_text(files: list[Path], report: SourceReport) -> Iterator[Document]:
             yield doc
 
 
-def _iter_jsonl(files: list[Path], src: Source, report: SourceReport, fields_seen: set) -> Iterator[Document]:
+def _iter_jsonl(files: list[AnyPath], src: Source, report: SourceReport, fields_seen: set) -> Iterator[Document]:
     for f in files:
-        with open(f, "rb") as fh:
+        with f.open("rb") as fh:  # streamed, from disk or a bucket
             for lineno, raw in enumerate(fh, start=1):
                 if not raw.strip():
                     continue
@@ -205,12 +214,13 @@ def _iter_arrow_tables(files: list[Path], fmt: str) -> Iterator[tuple[Path, obje
     import pyarrow.parquet as pq
 
     for f in files:
+        remote = is_remote(f)
         if fmt == "parquet":
-            pf = pq.ParquetFile(f)
-            for batch in pf.iter_batches(batch_size=1024):
-                yield f, batch
+            with (f.open("rb") if remote else open(f, "rb")) as fh:  # row groups read as needed
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=1024):
+                    yield f, batch
         else:
-            with pa.memory_map(str(f)) as source:
+            with (f.open("rb") if remote else pa.memory_map(str(f))) as source:
                 reader = pa.ipc.open_stream(source)
                 for batch in reader:
                     yield f, batch

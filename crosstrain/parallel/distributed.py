@@ -90,14 +90,17 @@ def initialize(spec: ProcessSpec) -> None:
 
     if spec.cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", spec.cpu_devices)
-    if spec.num_processes > 1:
+    if spec.num_processes > 1 or _cluster_detected():
         try:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         except (AttributeError, ValueError):
             pass  # newer JAX picks a CPU collectives backend by itself
+    if spec.num_processes > 1:
         jax.distributed.initialize(spec.coordinator, num_processes=spec.num_processes, process_id=spec.process_id,
                                    **_timeouts())
     elif _cluster_detected():
+        # SLURM, Open MPI or a multi-host Cloud TPU slice: JAX reads the coordinator, the process
+        # count and this process's rank from the cluster's own environment.
         jax.distributed.initialize(**_timeouts())
 
 
@@ -123,11 +126,13 @@ def _strip_forced_device_count(flags: str) -> str:
 
 
 def launch(command: Sequence[str], *, processes: int, devices_per_process: Optional[int], port: Optional[int] = None,
-           grace_s: float = 10.0) -> int:
+           grace_s: float = 10.0, process_caches: Optional[str] = None) -> int:
     """Run `crosstrain <command>` as `processes` local processes joined through 127.0.0.1.
 
     Output lines are forwarded with a `[pI]` prefix. If one process fails, the others are ended
     and its exit status is returned; SIGINT/SIGTERM to the launcher are passed on.
+    `process_caches`: a folder under which each process gets its own $CROSSTRAIN_CACHE (p0, p1, ...)
+    and working directory, sharing no local directory, as processes on separate hosts do.
     """
     if processes < 1:
         raise UserError(f"--processes: must be >= 1, got {processes}")
@@ -155,9 +160,14 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: Optio
             env[ENV_CPU_DEVICES] = str(devices_per_process)
             env["XLA_FLAGS"] = _strip_forced_device_count(env.get("XLA_FLAGS", ""))
         env["PYTHONUNBUFFERED"] = "1"
+        cwd = None
+        if process_caches:
+            own = os.path.join(os.path.abspath(process_caches), f"p{i}")
+            os.makedirs(own, exist_ok=True)
+            env["CROSSTRAIN_CACHE"], cwd = own, own
         child = subprocess.Popen(
             [sys.executable, "-m", "crosstrain", *command], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=cwd,
         )
         children.append(child)
     pumps = [threading.Thread(target=pump, args=(i, c.stdout), daemon=True) for i, c in enumerate(children)]

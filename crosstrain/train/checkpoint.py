@@ -18,6 +18,13 @@ With several processes, process 0 alone seals, clears and moves steps; at restor
 wait at a barrier until it has, then every process reads the same list of steps, so no process
 ever sees a stale step (one that Orbax would refuse to save over).
 
+On object storage (gs://, s3://; crosstrain/storage.py) there is no rename. Orbax then marks a
+committed step with a `commit_success.txt` object instead of renaming its directory; crosstrain's
+seal is still `manifest.json`, written last in one PUT (atomic), so a step without it never
+counts. A step is discarded by deleting its seal first and its objects after, so a kill mid-delete
+leaves an unsealed remnant that the next start clears, never a step that looks valid; a corrupt
+step is moved aside (copied, then deleted) under `corrupt-<step>-<time>`.
+
 State is saved by Orbax as arrays (tensorstore/OCDBT) and metadata as JSON: no pickle anywhere.
 """
 
@@ -30,7 +37,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -38,6 +45,7 @@ import orbax.checkpoint as ocp
 from crosstrain.config import CheckpointConfig
 from crosstrain.errors import UserError
 from crosstrain.files import atomic_write
+from crosstrain.storage import AnyPath, as_path, describe_error, is_remote, stat
 
 log = logging.getLogger("crosstrain")
 
@@ -45,24 +53,49 @@ MANIFEST = "manifest.json"
 TRASH = ".trash"
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: AnyPath) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def _files(step_dir: Path) -> list[Path]:
+def _files(step_dir: AnyPath) -> list[AnyPath]:
+    if is_remote(step_dir):
+        return sorted((p for p in _remote_listing(step_dir) if p.name != MANIFEST), key=str)
     return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
 
 
-def write_manifest(step_dir: Path, step: int) -> None:
-    files = {str(p.relative_to(step_dir)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in _files(step_dir)}
-    atomic_write(step_dir / MANIFEST, json.dumps({"step": step, "files": files, "sealed_at": time.time()}, indent=1))
+def _remote_listing(step_dir: AnyPath) -> list[AnyPath]:
+    """Every object under a step's prefix (one listing call, fresh: no cached directory)."""
+    import fsspec
+
+    url = str(step_dir)
+    fs = fsspec.filesystem(url.split("://", 1)[0])
+    fs.invalidate_cache()
+    try:
+        found = fs.find(url.split("://", 1)[1])
+    except FileNotFoundError:
+        return []
+    scheme = url.split("://", 1)[0]
+    return [as_path(f"{scheme}://{name}") for name in found]
 
 
-def verify(step_dir: Path) -> Optional[str]:
+def write_manifest(step_dir: AnyPath, step: int) -> None:
+    files = {_relative(p, step_dir): {"sha256": _sha256(p), "bytes": stat(p)[0]} for p in _files(step_dir)}
+    text = json.dumps({"step": step, "files": files, "sealed_at": time.time()}, indent=1)
+    if is_remote(step_dir):
+        (step_dir / MANIFEST).write_text(text)  # one PUT: the object appears whole or not at all
+    else:
+        atomic_write(step_dir / MANIFEST, text)
+
+
+def _relative(p: AnyPath, root: AnyPath) -> str:
+    return str(p)[len(str(root).rstrip("/")) + 1:]
+
+
+def verify(step_dir: AnyPath) -> Optional[str]:
     """None if every file matches the manifest, else what is wrong (one line)."""
     manifest = step_dir / MANIFEST
     if not manifest.is_file():
@@ -71,29 +104,48 @@ def verify(step_dir: Path) -> Optional[str]:
         files = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError):
         return "unreadable manifest"
+    present = None if not is_remote(step_dir) else {_relative(p, step_dir) for p in _files(step_dir)}
     for rel, want in files.items():
         p = step_dir / rel
-        if not p.is_file():
+        if not (p.is_file() if present is None else rel in present):
             return f"missing file {rel}"
-        if p.stat().st_size != want["bytes"]:
-            return f"{rel} has {p.stat().st_size} bytes, expected {want['bytes']}"
+        size = stat(p)[0]
+        if size != want["bytes"]:
+            return f"{rel} has {size} bytes, expected {want['bytes']}"
         if _sha256(p) != want["sha256"]:
             return f"{rel} does not match its SHA-256"
     return None
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, cfg: CheckpointConfig, *, primary: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: AnyPath, cfg: CheckpointConfig, *, primary: bool = True,
+                 before_seal: Optional[Callable[[int], None]] = None):
+        self.remote = is_remote(directory)
+        self.directory = as_path(directory) if self.remote else Path(directory).absolute()
         self.cfg = cfg
         self.primary = primary  # process 0 seals, prunes and moves; every process reads
+        # Called with the step on process 0 once Orbax has committed it, just before it is sealed
+        # (a run in a bucket sends its records there first: crosstrain/storage.py).
+        self.before_seal = before_seal
+        extra = {}
+        if self.remote:
+            from orbax.checkpoint._src.path import atomicity
+
+            # No rename on object storage: Orbax marks a committed step with an object instead.
+            extra["temporary_path_class"] = atomicity.CommitFileTemporaryPath
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is ours (through the trash)
             enable_async_checkpointing=cfg.async_save,
             create=True,
             cleanup_tmp_directories=primary,
+            **extra,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except Exception as e:
+            if not self.remote:
+                raise
+            raise UserError(f"--run-dir: {describe_error(str(self.directory), e)}") from None
         self._pending: Optional[int] = None
         self.stall_s = 0.0  # time the caller spent blocked in save/seal
         if primary:
@@ -101,7 +153,7 @@ class Checkpointer:
 
     # ---- listing ---------------------------------------------------------------------------
 
-    def step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int) -> AnyPath:
         return self.directory / str(step)
 
     def committed_steps(self) -> list[int]:
@@ -151,8 +203,18 @@ class Checkpointer:
 
     def _set_aside(self, step: int, why: str) -> None:
         src = self.step_dir(step)
-        if src.exists():
-            os.replace(src, self.directory / f"{why}-{step}-{int(time.time() * 1000)}")
+        target = self.directory / f"{why}-{step}-{int(time.time() * 1000)}"
+        if self.remote:
+            # No rename: unseal first (a kill from here on leaves an unsealed step, cleared at the
+            # next start), then copy the objects aside and delete them.
+            import fsspec
+
+            fs = fsspec.filesystem(str(src).split("://", 1)[0])
+            (src / MANIFEST).unlink(missing_ok=True)
+            fs.copy(str(src), str(target), recursive=True)
+            fs.rm(str(src), recursive=True)
+        elif src.exists():
+            os.replace(src, target)
         self._manager.reload()  # Orbax caches its step list
 
     # ---- saving ----------------------------------------------------------------------------
@@ -188,6 +250,8 @@ class Checkpointer:
         self._manager.wait_until_finished()
         step, self._pending = self._pending, None
         if self.primary:
+            if self.before_seal is not None:
+                self.before_seal(step)
             write_manifest(self.step_dir(step), step)
             self._prune()
         return step
@@ -207,12 +271,23 @@ class Checkpointer:
         self._empty_trash()
 
     def _trash(self, step: int) -> None:
+        if self.remote:
+            # Unseal, then delete: a kill in between leaves an unsealed step, never a valid-looking one.
+            import fsspec
+
+            src = self.step_dir(step)
+            (src / MANIFEST).unlink(missing_ok=True)
+            fsspec.filesystem(str(src).split("://", 1)[0]).rm(str(src), recursive=True)
+            self._manager.reload()
+            return
         trash = self.directory / TRASH
         trash.mkdir(exist_ok=True)
         os.replace(self.step_dir(step), trash / f"{step}-{time.time_ns()}")
         self._manager.reload()  # Orbax caches its step list
 
     def _empty_trash(self) -> None:
+        if self.remote:
+            return  # nothing is moved into a trash there (_trash)
         trash = self.directory / TRASH
         if trash.exists():
             for entry in trash.iterdir():

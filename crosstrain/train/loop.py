@@ -25,15 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosstrain.config import Config, check_paths, load_run_config, resume_differences, save_config
+from crosstrain.config import Config, check_paths, load_run_config, resume_differences, save_config, schedule_change
 from crosstrain.data.pipeline import build_pipeline, resolve_sources
 from crosstrain.errors import UserError
+from crosstrain.evaluate import batched_windows, summarize, window_sums, windows
 from crosstrain.files import write_json
-from crosstrain.flops import CROSSTRAIN_CONVENTION, flops_per_token
+from crosstrain.flops import CONVENTION_NOTE, CROSSTRAIN_CONVENTION, flops_per_token
 from crosstrain.hf import apply_hf_model, load_hf_params
-from crosstrain.model import count_params, loss_fn, params_sha256
+from crosstrain.model import count_params, params_sha256
 from crosstrain.parallel.mesh import apply_mesh_rule
 from crosstrain.parallel.rules import activate
+from crosstrain.storage import checkpoint_dir, local_run, push, remote_of
 from crosstrain.runtime import (
     Setup,
     abstract_train_state,
@@ -62,10 +64,13 @@ log = logging.getLogger("crosstrain")
 def _check_resume_config(cfg: Config, run_dir: Path) -> None:
     if not (run_dir / "config.yaml").is_file():
         return
-    diffs = resume_differences(load_run_config(run_dir), cfg)
+    old = load_run_config(run_dir)
+    diffs = resume_differences(old, cfg)
+    if not diffs and (why := schedule_change(old, cfg)):
+        raise UserError(why)
     if diffs:
         raise UserError(
-            f"--run-dir: {run_dir} holds a run with a different config ({', '.join(diffs)}); "
+            f"--run-dir: {remote_of(run_dir) or run_dir} holds a run with a different config ({', '.join(diffs)}); "
             "use a new --run-dir or the same settings"
         )
 
@@ -81,14 +86,15 @@ def train(cfg: Config, run_dir: Path, *, started: Optional[float] = None, device
     devices = list(jax.devices() if devices is None else devices)
     if cfg.init.from_hf:
         cfg = apply_hf_model(cfg, Path(cfg.init.from_hf))
-    if cfg.distill.teacher:
-        teacher_vocab = load_run_config(Path(cfg.distill.teacher)).model.vocab
+    teacher = local_run(cfg.distill.teacher, "distill.teacher") if cfg.distill.teacher else None
+    if teacher is not None:
+        teacher_vocab = load_run_config(teacher).model.vocab
         if teacher_vocab != cfg.model.vocab:
             raise UserError(f"distill.teacher: the teacher's vocabulary ({teacher_vocab}) differs from the student's "
                             f"({cfg.model.vocab}); distillation needs the same tokenizer")
-    if cfg.distill.teacher and not cfg.data.tokenizer and (Path(cfg.distill.teacher) / "tokenizer.json").is_file():
+    if teacher is not None and not cfg.data.tokenizer and (teacher / "tokenizer.json").is_file():
         # The student reads the teacher's tokens: same tokenizer, same vocabulary.
-        cfg = cfg.override(data={"tokenizer": str((Path(cfg.distill.teacher) / "tokenizer.json").absolute())})
+        cfg = cfg.override(data={"tokenizer": str((teacher / "tokenizer.json").absolute())})
     cfg, rule = apply_mesh_rule(cfg, devices)
     _check_resume_config(cfg, run_dir)
     resolve_sources(cfg)  # paths and formats, before anything is logged or compiled
@@ -104,6 +110,7 @@ class Trainer:
         self.asked = cfg
         cfg = setup.cfg
         self.cfg, self.run_dir, self.setup, self.rule = cfg, run_dir, setup, rule
+        self.where = remote_of(run_dir) or run_dir  # what the user named: the bucket's URL for a run kept there
         self.m, self.t = cfg.model, cfg.train
         self.is_main = jax.process_index() == 0
         self.devices = list(setup.mesh.devices.flat)
@@ -140,6 +147,14 @@ class Trainer:
         if cfg.faults.spike_sigma:
             log.info("loss-spike rollback on: %.1f sigma over %d steps", cfg.faults.spike_sigma, cfg.faults.spike_window)
 
+    def _sync(self, step: Optional[int] = None) -> None:
+        """Process 0 of a run kept in a bucket: its files (records, log, TensorBoard, plots) to the
+        bucket, each written whole."""
+        if self.is_main and remote_of(self.run_dir):
+            if self.records is not None:
+                self.records.flush()
+            push(self.run_dir)
+
     def _restore(self) -> tuple[TrainState, int, Optional[dict], Optional[int], float]:
         """(state, start step, data iterator state, restored checkpoint step, seconds restoring)."""
         t0 = time.perf_counter()
@@ -150,7 +165,7 @@ class Trainer:
             log.info("resumed from checkpoint %d (%.1f s)", step, time.perf_counter() - t0)
             return state, int(meta["step"]), meta.get("data", {}).get("iterator"), step, time.perf_counter() - t0
         if self.cfg.init.from_run:
-            return state_from_run(self.setup, Path(self.cfg.init.from_run)), 0, None, None, 0.0
+            return state_from_run(self.setup, local_run(self.cfg.init.from_run, "init.from_run")), 0, None, None, 0.0
         if self.cfg.init.from_hf:
             params = load_hf_params(Path(self.cfg.init.from_hf), self.m)
             log.info("initialised parameters from Hugging Face model %s, fresh optimizer state", self.cfg.init.from_hf)
@@ -189,10 +204,13 @@ class Trainer:
             sum(st.train_end for st in self.pipeline.stores), len(self.pipeline.stores),
             sum(len(q) for q in self.pipeline.train_sequences), m.seq_len,
         )
-        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint, primary=self.is_main)
+        # A run kept in a bucket sends its records there before each checkpoint is sealed, so the
+        # bucket's metrics always reach the newest valid checkpoint (crosstrain/storage.py).
+        self.ckpt = Checkpointer(checkpoint_dir(self.run_dir), cfg.checkpoint, primary=self.is_main,
+                                 before_seal=self._sync if remote_of(self.run_dir) else None)
         state, start, data_state, restored, restore_s = self._restore()
         if start > t.steps:
-            raise UserError(f"train.steps: the run in {self.run_dir} is already at step {start}, past train.steps={t.steps}")
+            raise UserError(f"train.steps: the run in {self.where} is already at step {start}, past train.steps={t.steps}")
         records = read_metrics(self.run_dir / "metrics.jsonl") if self.is_main else []
         if restored is not None:
             self.goodput.resumed(restore_s, records, start)
@@ -201,7 +219,7 @@ class Trainer:
         self.flops_per_step = flops_per_token(m) * self.tokens_per_step
         if start == t.steps:
             self.ckpt.close()
-            log.info("the run in %s is already complete at step %d", self.run_dir, start)
+            log.info("the run in %s is already complete at step %d", self.where, start)
             previous = self.run_dir / "summary.json"
             if previous.is_file():
                 return json.loads(previous.read_text())
@@ -216,16 +234,17 @@ class Trainer:
             self.state_bytes / 2**20, total_state_bytes(state) / 2**20, setup.mesh.shape["fsdp"], setup.mesh.shape["tensor"],
         )
         self.eval_fn = jax.jit(
-            lambda params, batch: loss_fn(params, batch, m),
-            in_shardings=(setup.state_shardings.params, setup.batch_sharding),
+            lambda params, batch, mask: window_sums(params, batch, mask, m),
+            in_shardings=(setup.state_shardings.params, setup.batch_sharding, setup.batch_sharding),
             out_shardings=setup.replicated,
         )
+        self.heldout = self._heldout_windows()
         self.teacher = load_teacher(cfg, self.devices) if cfg.distill.teacher else None
         t0 = time.perf_counter()
         self.compiled = compile_train_step(cfg, setup, state, self.teacher)
         self.goodput.compiled(time.perf_counter() - t0)
         log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
-        log.info(self.peak_note)
+        log.info("%s; MFU's model FLOPs: %s", self.peak_note, CONVENTION_NOTE)
 
         self.records = Records(self.run_dir, main=self.is_main, total=t.steps, start=start, resumed=restored is not None)
         self.batches = self.pipeline.batches(self.rows, state=data_state)
@@ -245,6 +264,7 @@ class Trainer:
             self.goodput.account(self.ckpt.stall_s)
         if preempted:
             self.records.close()
+            self._sync()
             return {"preempted": True, "step": self.step}
         return self._finish()
 
@@ -358,20 +378,41 @@ class Trainer:
         self.records.write(record)
         self.goodput.account(self.ckpt.stall_s)
 
+    def _heldout_windows(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The held-out windows the run evaluates (crosstrain/evaluate.py): every held-out token, or
+        the first train.eval_batches global batches of them; None when nothing is held out."""
+        tokens = self.pipeline.heldout_tokens()
+        if tokens.size < 2:
+            log.info("evaluation: no tokens are held out (data.holdout=%s); no held-out loss", self.cfg.data.holdout)
+            return None
+        wins, mask = windows(tokens, self.m.seq_len)
+        if self.t.eval_batches:
+            wins, mask = wins[: self.t.eval_batches * self.t.batch], mask[: self.t.eval_batches * self.t.batch]
+        held = int(mask.sum())
+        log.info("evaluation: %s held-out tokens in %d windows%s", f"{held:,}", len(wins),
+                 "" if held == tokens.size - 1 else f" (the first {self.t.eval_batches} batches of {tokens.size:,}: "
+                 "crosstrain eval takes them all)")
+        return wins, mask
+
     def _evaluate(self, step: int) -> None:
+        if self.heldout is None:
+            return
         t0 = time.perf_counter()
-        losses = [
-            float(self.eval_fn(self.state.params, global_batch_array(self.setup, b)))
-            for b in self.pipeline.eval_batches(self.t.eval_batches, self.rows)
-        ]
-        eval_loss = float(np.mean(losses)) if losses else None
+        lo, hi = self.rows
+        sums, counts = [], []
+        for batch, mask in batched_windows(*self.heldout, self.t.batch):
+            s_, c_ = self.eval_fn(self.state.params, global_batch_array(self.setup, batch[lo:hi]),
+                                  global_batch_array(self.setup, mask[lo:hi]))
+            sums.append(np.asarray(s_, np.float64))
+            counts.append(np.asarray(c_, np.float64))
+        result = summarize(np.concatenate(sums), np.concatenate(counts))
         self.goodput.evaluated(time.perf_counter() - t0)
         if self.last_record.get("step") == step:
-            self.last_record["eval_loss"] = eval_loss
-            self.last_record["eval_perplexity"] = math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None
-            self.records.amend(self.last_record, ("eval_loss", "eval_perplexity"))
-            if eval_loss is not None:
-                log.info("step %d held-out loss %.4f", step, eval_loss)
+            self.last_record["eval_loss"] = result.loss
+            self.last_record["eval_loss_se"] = result.loss_se
+            self.last_record["eval_perplexity"] = result.perplexity if result.loss < 50 else None
+            self.records.amend(self.last_record, ("eval_loss", "eval_loss_se", "eval_perplexity"))
+            log.info("step %d held-out loss %.4f ± %.4f", step, result.loss, result.loss_se)
         self.timer.skip_pause()
 
     def _rollback(self, step: int, loss: float, limit: float) -> None:
@@ -417,6 +458,8 @@ class Trainer:
         summary = {
             "final_loss": self.last_record.get("loss"),
             "eval_loss": self.last_record.get("eval_loss"),
+            "eval_loss_se": self.last_record.get("eval_loss_se"),
+            "eval_tokens": int(self.heldout[1].sum()) if getattr(self, "heldout", None) is not None else None,
             "steps": t.steps,
             "tokens_seen": t.steps * self.tokens_per_step,
             "params_sha256": digest,
@@ -444,11 +487,13 @@ class Trainer:
         if self.is_main:
             write_json(self.run_dir / "summary.json", summary)
             plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png",
-                        title=self.cfg.description or "crosstrain")
+                        title=f"{self.run_dir.name}: {t.steps:,} steps of {t.batch} x {self.m.seq_len} tokens, "
+                              f"{count_params(self.m) / 1e6:.2f}M parameters")
             log.info(
                 "done: %d steps, final loss %s, held-out loss %s; goodput %.1f%% over %d attempt(s); wrote %s",
                 t.steps, f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a",
-                f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a",
-                100 * (summary["goodput"] or 0), self.goodput.ledger.attempts, self.run_dir / "summary.json",
+                f"{summary['eval_loss']:.4f} ± {summary['eval_loss_se']:.4f}" if summary["eval_loss"] is not None else "n/a",
+                100 * (summary["goodput"] or 0), self.goodput.ledger.attempts, self.where,
             )
+        self._sync()
         return summary
