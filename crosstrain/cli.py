@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["time", "cost"], default="time",
                    help="time: fastest layout on --chips; cost: cheapest run using up to --chips (within --max-days)")
     p.add_argument("--max-days", type=float, help="a deadline for --objective cost: the cheapest plan that finishes in time")
+    p.add_argument("--software", choices=["crosstrain", "published", "both"],
+                   help="whose training step is priced: crosstrain's own (a plan's default), the best published "
+                        "software for the chip (flash attention everywhere, pipeline and context parallelism), or both "
+                        "(--compare's default)")
     p.add_argument("--price", type=float, help="USD per chip-hour (default: the catalog's list price)")
     p.add_argument("--power", type=float, help="watts per chip (default: the catalog's figure)")
     p.add_argument("--power-cap", type=float, help="chips run under this power cap (W): lower sustained clocks")

@@ -259,6 +259,7 @@ def cmd_plan(args) -> int:
         parallelism=parse_parallelism(args.parallelism) if args.parallelism else None,
         remat=args.remat, price=args.price, power=args.power, power_cap=args.power_cap, pue=args.pue,
         objective=args.objective, slices=args.slices, max_days=args.max_days,
+        software=args.software if args.software in ("crosstrain", "published") else "crosstrain",
     )
     if args.recipe:
         from crosstrain.recipe import plan_recipe
@@ -279,7 +280,8 @@ def cmd_plan(args) -> int:
         return 0
     if args.compare:
         targets = parse_compare(args.compare)
-        rows = compare(cfg, targets, opts)
+        both = args.software in (None, "both")
+        rows = compare(cfg, targets, opts, software=("crosstrain", "published") if both else (args.software,))
         out = Path(args.out or "plan-compare.png")
         report.compare_chart(rows, out, f"{cfg.description or args.preset}: {rows[0].get('tokens', 0) / 1e12:.2g}T tokens")
         if args.json:

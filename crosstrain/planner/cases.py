@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from crosstrain.config import ModelConfig
 from crosstrain.errors import UserError
-from crosstrain.flops import flops_per_token, matmul_params
+from crosstrain.flops import flops_per_token, matmul_params, param_count
 from crosstrain.hardware import get_chip
 from crosstrain.planner.model import FAMILIES, Estimate, Layout, estimate
 from crosstrain.planner.search import LAYOUT_FLAGS as SEARCH_LAYOUT_FLAGS, search
@@ -59,6 +59,7 @@ class CaseResult:
     family: str = ""
     loso_predicted: Optional[float] = None
     loso_rel_error: Optional[float] = None
+    params_b: Optional[float] = None  # the model's parameters (billions), as the planner counts them
     memory_per_device_gib: Optional[float] = None  # the planner's, for the layout priced
     capacity_gib: Optional[float] = None
     memory_fits: Optional[bool] = None
@@ -150,6 +151,14 @@ def read_cases(path: Path) -> list[dict[str, str]]:
     for i, row in enumerate(rows, start=2):
         if row["metric"] not in METRICS:
             raise UserError(f"--cases: {path}:{i}: unknown metric '{row['metric']}' (known: {', '.join(METRICS)})")
+        for column in REQUIRED[2:]:
+            if column == "metric":
+                continue
+            try:
+                float(row[column])
+            except (TypeError, ValueError):
+                raise UserError(f"--cases: {path}:{i} ({row['id']}): {column} must be a number, got "
+                                f"{row[column]!r}") from None
     return rows
 
 
@@ -167,6 +176,7 @@ def result_of(p: Prepared) -> CaseResult:
         remat=est.layout.remat, global_batch=p.batch, step_time_s=est.step_time_s, assumed=p.assumed,
         source=p.row.get("source", ""), group=p.group, family=p.family,
         memory_per_device_gib=est.memory_per_device_gib, capacity_gib=est.capacity_gib, memory_fits=est.fits,
+        params_b=param_count(p.m, glu=p.glu) / 1e9,
     )
 
 
@@ -374,3 +384,49 @@ def evaluate_cases(path: Path) -> dict[str, Any]:
         "by_group": breakdown(lambda r: r.group),
         "by_scale": breakdown(lambda r: _scale_bucket(r.chips)),
     }
+
+
+def shipped_evaluation() -> dict[str, Any]:
+    """`evaluate_cases` of the shipped runs, cached on disk under a hash of the runs and of the
+    planner's code (a few seconds to compute; every plan reads it for its nearest published runs)."""
+    import hashlib
+    import json
+
+    from crosstrain.files import atomic_write
+    from crosstrain.paths import cache_dir
+
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted([*here.glob("*.py"), *(here / "data").glob("*.csv"), here.parent / "hardware.py",
+                     here.parent / "flops.py"]):
+        h.update(f.read_bytes())
+    path = cache_dir() / f"published_cases_{h.hexdigest()[:16]}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    result = evaluate_cases(shipped_cases_path())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(result))
+    except OSError:
+        pass
+    return result
+
+
+def nearest_published(family: str, chip: str, params_b: float, chips: int, k: int = 3) -> list[dict[str, Any]]:
+    """The `k` published runs most like a plan (same family; nearest in parameters and chip count,
+    the same chip first), with the errors the planner makes on them out of sample: how far to
+    trust the plan."""
+    rows = [c for c in shipped_evaluation()["cases"] if c["family"] == family and not c.get("refused")]
+
+    def distance(c: dict[str, Any]) -> float:
+        return (abs(math.log(max(params_b, 1e-3) / max(c["params_b"] or 1e-3, 1e-3)))
+                + abs(math.log(max(chips, 1) / max(c["chips"], 1))) + (0.0 if c["chip"] == chip else 0.7))
+
+    out = []
+    for c in sorted(rows, key=distance)[:k]:
+        out.append({"id": c["id"], "chip": c["chip"], "chips": c["chips"], "params_b": round(c["params_b"], 2),
+                    "loso_rel_error": c["loso_rel_error"],
+                    "loso_speed_error": speed_ratio(c["metric"], c["loso_rel_error"]) - 1.0})
+    return out

@@ -14,6 +14,7 @@ from crosstrain.planner.model import Estimate, Layout, mfu
 from crosstrain.planner.search import search, smallest_memory
 
 LAYOUT_KEYS = ("tp", "pp", "dp", "fsdp", "cp", "microbatch", "virtual_stages")
+SOFTWARE = ("crosstrain", "published")
 
 
 def parse_parallelism(text: str) -> dict[str, Any]:
@@ -43,6 +44,10 @@ class Options:
     objective: str = "time"
     slices: int = 1  # TPU slices joined by the data-centre network
     max_days: Optional[float] = None  # a deadline: --objective cost takes the cheapest plan within it
+    # Whose training step is priced: crosstrain's own (what `crosstrain train` would run there), or
+    # the best published software for the chip as the fitted model knows it (flash attention on
+    # every family: Splash, cuDNN/Transformer Engine, NKI; pipeline, context and sequence parallelism).
+    software: str = "crosstrain"
 
 
 def _validate(cfg: Config, chip: Chip, opts: Options) -> int:
@@ -70,6 +75,8 @@ def _validate(cfg: Config, chip: Chip, opts: Options) -> int:
         raise UserError(f"--remat: must be none, selective, dots, attention or full, got {opts.remat}")
     if opts.objective not in ("time", "cost"):
         raise UserError(f"--objective: must be time or cost, got {opts.objective}")
+    if opts.software not in SOFTWARE:
+        raise UserError(f"--software: must be {' or '.join(SOFTWARE)}, got {opts.software}")
     if opts.max_days is not None and not opts.max_days > 0:
         raise UserError(f"--max-days: must be positive, got {opts.max_days}")
     for name, v in (("--price", opts.price), ("--power", opts.power), ("--pue", opts.pue)):
@@ -107,17 +114,21 @@ def planned_dtype(cfg: Config) -> str:
 
 
 def best_estimate(cfg: Config, chip: Chip, devices: int, opts: Options) -> tuple[Estimate, int]:
-    """The fastest layout crosstrain's trainer can run (no pipeline or context parallelism unless
-    pinned), priced as crosstrain's own step with the attention kernel it resolves on this chip."""
-    flash = crosstrain_flash(cfg, chip)
+    """The fastest layout the software can run, priced as that software's step. crosstrain's own
+    (the default): no pipeline or context parallelism unless pinned, the attention kernel it
+    resolves on this chip. "published": the best published software for the chip, with a flash
+    kernel on every family and the family's fitted constants."""
+    own = opts.software == "crosstrain"
+    flash = crosstrain_flash(cfg, chip) if own else True
+    implementation = "crosstrain" if own else "efficient"
     est, tried = search(cfg.model, chip, devices, cfg.train.batch, fixed=_fixed(opts), compute_dtype=planned_dtype(cfg),
-                        power_cap_w=opts.power_cap, flash=flash, implementation="crosstrain",
+                        power_cap_w=opts.power_cap, flash=flash, implementation=implementation,
                         slice_chips=opts.chips // max(1, opts.slices))
     if est is not None:
         return est, tried
     pinned = opts.parallelism and all(k in opts.parallelism for k in ("tp", "pp", "dp", "fsdp", "cp")) and opts.remat
     smallest = smallest_memory(cfg.model, chip, devices, cfg.train.batch, fixed=_fixed(opts), flash=flash,
-                               implementation="crosstrain")
+                               implementation=implementation)
     if smallest is None:
         raise UserError(f"--parallelism: no layout of {devices} devices matches the model and batch")
     if pinned:
@@ -171,6 +182,7 @@ def plan(cfg: Config, opts: Options) -> dict[str, Any]:
     result = {
         "chip": chip.name,
         "chips": chips_used,
+        "software": opts.software,
         "devices": est.devices,
         "parallelism": {k: getattr(est.layout, k) for k in ("tp", "pp", "dp", "fsdp", "cp", "microbatch")},
         "remat": est.layout.remat,
@@ -202,17 +214,25 @@ def plan(cfg: Config, opts: Options) -> dict[str, Any]:
             else f"power: {power} W per chip (--power) x PUE {opts.pue}",
         ],
     }
+    if opts.software == "published" or chip.family != "cpu":
+        from crosstrain.flops import param_count
+        from crosstrain.planner.cases import nearest_published
+
+        result["nearest_published"] = nearest_published(chip.family, chip.name, param_count(m) / 1e9, chips_used)
     return result
 
 
-def compare(cfg: Config, targets: list[tuple[str, int]], base: Options) -> list[dict[str, Any]]:
+def compare(cfg: Config, targets: list[tuple[str, int]], base: Options,
+            software: tuple[str, ...] = SOFTWARE) -> list[dict[str, Any]]:
+    """Each option priced for each software (crosstrain's own step and the best published)."""
     rows = []
     for name, n in targets:
-        opts = Options(**{**base.__dict__, "chip": name, "chips": n, "parallelism": None})
-        try:
-            rows.append(plan(cfg, opts))
-        except UserError as e:
-            rows.append({"chip": name, "chips": n, "fits": False, "error": str(e)})
+        for sw in software:
+            opts = Options(**{**base.__dict__, "chip": name, "chips": n, "parallelism": None, "software": sw})
+            try:
+                rows.append(plan(cfg, opts))
+            except UserError as e:
+                rows.append({"chip": name, "chips": n, "software": sw, "fits": False, "error": str(e)})
     return rows
 
 

@@ -55,6 +55,11 @@ def plan_table(r: dict[str, Any]) -> str:
         f"bubble {100 * t['pipeline_bubble']:.0f}%"
     )
     lines += [f"  note: {n}" for n in r["notes"]]
+    if r.get("nearest_published"):
+        lines.append("  how far to trust it: the planner on the nearest published runs, out of sample (+: it says they "
+                     "ran faster than they did)")
+        lines += [f"    {n['id']} ({n['params_b']:g}B on {n['chips']:,} {n['chip']}): {100 * n['loso_speed_error']:+.0f}%"
+                  for n in r["nearest_published"]]
     if "aot" in r:
         a = r["aot"]
         where = f"{a['topology']}, {a['attention']} attention, {a['program']}"
@@ -88,17 +93,18 @@ def plan_table(r: dict[str, Any]) -> str:
 
 
 def compare_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'chip':>10} {'chips':>6} {'layout':>22} {'step s':>8} {'MFU':>6} {'GiB/chip':>9} {'time':>12} {'cost $':>9} "
-            f"{'MWh':>8}")
+    head = (f"{'chip':>10} {'chips':>6} {'software':>10} {'layout':>22} {'step s':>8} {'MFU':>6} {'GiB/chip':>9} "
+            f"{'time':>12} {'cost $':>9} {'MWh':>8}")
     out = [head, "-" * len(head)]
     for r in rows:
+        sw = r.get("software", "crosstrain")
         if "error" in r:
-            out.append(f"{r['chip']:>10} {r['chips']:>6}  {r['error']}")
+            out.append(f"{r['chip']:>10} {r['chips']:>6} {sw:>10}  {r['error']}")
             continue
         p = r["parallelism"]
         layout = ",".join(f"{k}{v}" for k, v in p.items() if v > 1 and k != "microbatch") or "-"
         out.append(
-            f"{r['chip']:>10} {r['chips']:>6} {layout:>22} {r['step_time_s']:>8.2f} {100 * r['mfu']:>5.1f}% "
+            f"{r['chip']:>10} {r['chips']:>6} {sw:>10} {layout:>22} {r['step_time_s']:>8.2f} {100 * r['mfu']:>5.1f}% "
             f"{r['memory_per_chip_gib']:>9.1f} {_duration(r['time_to_train_days']):>12} {_fmt(r['cost_usd']):>9} "
             f"{r['energy_mwh']:>8,.0f}"
         )
@@ -117,6 +123,10 @@ def chip_color(chip: str) -> str:
     return _PALETTE[names.index(chip) % len(_PALETTE)] if chip in names else "#8C8C8C"
 
 
+def _number(v: float, _pos=None) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.3g}"
+
+
 def duration_unit(values_days: list[float]) -> tuple[float, str]:
     """(factor from days, unit name) that suits these durations: hours under two days."""
     top = max([v for v in values_days if v] or [0.0])
@@ -131,32 +141,46 @@ def _money(v: float, _pos=None) -> str:
 
 
 def compare_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Time, cost and energy per option; an option that fits no layout keeps its place, marked."""
+    """Time, cost and energy per option, one bar per software (crosstrain's own step solid, the
+    best published software hatched); an option that does not fit keeps its place, marked."""
+    from matplotlib.patches import Patch
     from matplotlib.ticker import FuncFormatter
 
     plt = pyplot()
-    labels = [f"{r['chip']}\nx{r['chips']:,}" for r in rows]
+    options = list(dict.fromkeys((r["chip"], r["chips"]) for r in rows))
+    softwares = list(dict.fromkeys(r.get("software", "crosstrain") for r in rows))
+    width = 0.8 / len(softwares)
     factor, unit = duration_unit([r["time_to_train_days"] for r in rows if "error" not in r])
-    metrics = [("time_to_train_days", f"{unit} to train", lambda v: v * factor, lambda v, _p=None: f"{v:,.3g}"),
+    metrics = [("time_to_train_days", f"{unit} to train", lambda v: v * factor, _number),
                ("cost_usd", "cost (USD)", lambda v: v, _money),
-               ("energy_mwh", "energy (MWh)", lambda v: v, lambda v, _p=None: f"{v:,.3g}")]
-    fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.6), dpi=110)
+               ("energy_mwh", "energy (MWh)", lambda v: v, _number)]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.8), dpi=110)
     for ax, (key, name, scale, fmt) in zip(axes, metrics):
-        values = [0.0 if "error" in r else scale(r[key]) for r in rows]
-        bars = ax.bar(labels, values, color=[chip_color(r["chip"]) for r in rows])
+        top = max([scale(r[key]) for r in rows if "error" not in r] or [1.0])
+        for j, sw in enumerate(softwares):
+            for i, option in enumerate(options):
+                r = next((r for r in rows if (r["chip"], r["chips"]) == option and r.get("software", "crosstrain") == sw),
+                         None)
+                if r is None:
+                    continue
+                x = i + (j - (len(softwares) - 1) / 2) * width
+                v = 0.0 if "error" in r else scale(r[key])
+                ax.bar(x, v, width * 0.95, color=chip_color(r["chip"]), hatch="//" if sw == "published" else None,
+                       edgecolor="white" if sw == "published" else None)
+                if "error" in r:
+                    ax.annotate("does not\nfit", (x, 0.02 * top), ha="center", va="bottom", fontsize=7,
+                                color="#C44E52", fontweight="bold")
+                else:
+                    ax.annotate(fmt(v), (x, v), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(options)), [f"{c}\nx{n:,}" for c, n in options], fontsize=8)
         ax.set_title(name)
         ax.grid(axis="y", alpha=0.3)
         ax.yaxis.set_major_formatter(FuncFormatter(fmt))
-        top = max(values) if any(values) else 1.0
-        for bar, v, r in zip(bars, values, rows):
-            x = bar.get_x() + bar.get_width() / 2
-            if "error" in r:
-                ax.annotate("does not\nfit", (x, 0.02 * top), ha="center", va="bottom", fontsize=8, color="#C44E52",
-                            fontweight="bold")
-            else:
-                ax.annotate(fmt(v), (x, v), ha="center", va="bottom", fontsize=8)
-        ax.set_ylim(0, top * 1.15)
-        ax.tick_params(axis="x", labelsize=8)
+        ax.set_ylim(0, top * 1.18)
+    if len(softwares) > 1:
+        axes[0].legend(handles=[Patch(facecolor="#BBBBBB", label="crosstrain's step"),
+                                Patch(facecolor="#BBBBBB", hatch="//", edgecolor="white", label="best published software")],
+                       fontsize=8, loc="upper left")
     fig.suptitle(title, fontsize=11, wrap=True)
     fig.tight_layout()
     save_figure(fig, path)
@@ -172,7 +196,7 @@ def recipe_compare_chart(results: list[dict[str, Any]], path: Path) -> None:
     labels = [f"{r['chip']}\nx{r['chips']:,}" for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
     shades = plt.get_cmap("tab10")
-    for ax, key, name, fmt in ((axes[0], "days", f"{unit} to train", lambda v, _p=None: f"{v:,.3g}"),
+    for ax, key, name, fmt in ((axes[0], "days", f"{unit} to train", _number),
                                (axes[1], "cost_usd", "cost (USD)", _money)):
         bottom = [0.0] * len(results)
         for k, stage in enumerate(stages):
