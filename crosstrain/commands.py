@@ -45,12 +45,15 @@ def _compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _make_run_dir(name: str) -> Path:
-    """The directory a command writes a run into: a local one, or the working copy of one in a
-    bucket (crosstrain/storage.py; its files go back to the bucket as the command goes on)."""
+def _make_run_dir(name: str, *, create: bool = True) -> Path:
+    """The directory a command writes a run into: a local one (made now unless `create` is False:
+    the command makes it once its input is checked), or the working copy of one in a bucket
+    (crosstrain/storage.py; its files go back to the bucket as the command goes on)."""
     from crosstrain.storage import open_run
 
     run_dir = open_run(name, create=True)
+    if not create:
+        return run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -163,11 +166,11 @@ def cmd_import(args) -> int:
     hf_dir = Path(args.hf)
     if not hf_dir.is_dir():
         raise UserError(f"--hf: {hf_dir} is not a directory")
-    run_dir = _make_run_dir(args.run_dir)
-    refuse_existing_checkpoints(run_dir, "import")
     cfg = apply_hf_model(cfg, hf_dir)
     if not (hf_dir / "tokenizer.json").is_file():
         raise UserError(f"--hf: {hf_dir} has no tokenizer.json (the run keeps the model's own tokenizer)")
+    run_dir = _make_run_dir(args.run_dir)  # only once the model is known to be importable
+    refuse_existing_checkpoints(run_dir, "import")
     params = load_hf_params(hf_dir, cfg.model)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(hf_dir / "tokenizer.json", run_dir / "tokenizer.json")
@@ -190,7 +193,7 @@ def cmd_prune(args) -> int:
     from crosstrain.storage import push
 
     source = _run_dir(args.source, "--from")
-    out = _make_run_dir(args.run_dir)
+    out = _make_run_dir(args.run_dir, create=False)
     result = prune(source, out, ffn=args.ffn, steps=args.steps, lr=args.lr, overrides=tuple(args.overrides),
                    data=args.data)
     push(out)
