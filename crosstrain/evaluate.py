@@ -2,14 +2,18 @@
 
 Text is tokenized (no special tokens added) and cut into windows of `seq_len + 1` tokens that
 overlap by one, so every token after the first is predicted exactly once, each with as much
-context as the window gives. The last window is padded and its padding masked. Bits per byte
-divide the summed loss (in bits) by the UTF-8 bytes of the predicted tokens, which makes models
-with different tokenizers comparable.
+context as the window gives. The last window is padded and its padding masked. A run's held-out
+data is a list of segments (crosstrain/data/store.py); each is cut into windows on its own, so no
+segment serves as another's context and no target straddles two. Bits per byte divide the summed
+loss (in bits) by the UTF-8 bytes of the predicted tokens, which makes models with different
+tokenizers comparable.
 
 The loss is a mean over windows of different token counts, so its standard error is the ratio
-estimator's over windows (tokens inside a window are not independent; windows nearly are). The
-in-run evaluation (train/loop.py) and `crosstrain eval` share this code: by default both take every
-held-out token of the run's data, the same windows, so they report the same number.
+estimator's over groups of windows: over segments where the data has them (windows of one segment
+share a document, so they are not independent; segments, hash-chosen across the corpus, nearly
+are), otherwise over windows. The in-run evaluation (train/loop.py) and `crosstrain eval` share this
+code: by default both take every held-out token of the run's data, the same windows, so they report
+the same number.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from crosstrain.model import token_losses
 @dataclass
 class EvalResult:
     loss: float
-    loss_se: float  # standard error of `loss`, over windows
+    loss_se: float  # standard error of `loss`, over segments (or windows)
     perplexity: float
     bits_per_byte: Optional[float]
     tokens: int
@@ -45,11 +49,20 @@ class EvalResult:
         return f"{self.loss:.4f} ± {self.loss_se:.4f} ({self.tokens:,} tokens in {self.windows:,} windows)"
 
 
-def summarize(sums: np.ndarray, counts: np.ndarray, total_bytes: Optional[int] = None) -> EvalResult:
+def summarize(sums: np.ndarray, counts: np.ndarray, total_bytes: Optional[int] = None,
+              groups: Optional[np.ndarray] = None) -> EvalResult:
     """The mean loss over windows' summed losses `sums` and token counts `counts`, and its standard
-    error (ratio estimator: sqrt(sum c_i^2 (m_i - mean)^2 * n/(n-1)) / sum c_i)."""
+    error (ratio estimator: sqrt(sum c_i^2 (m_i - mean)^2 * n/(n-1)) / sum c_i) over `groups` of
+    windows (a group id per window, e.g. its segment) or over windows."""
+    sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
+    windows_n = int(np.sum(counts > 0))
+    if groups is not None:
+        groups = np.asarray(groups)[: len(sums)]
+        ids, inverse = np.unique(groups, return_inverse=True)
+        sums = np.bincount(inverse, weights=sums[: len(groups)], minlength=len(ids))
+        counts = np.bincount(inverse, weights=counts[: len(groups)], minlength=len(ids))
     keep = counts > 0
-    sums, counts = np.asarray(sums, np.float64)[keep], np.asarray(counts, np.float64)[keep]
+    sums, counts = sums[keep], counts[keep]
     tokens = float(counts.sum())
     if tokens == 0:
         raise UserError("eval: no tokens to evaluate")
@@ -57,7 +70,7 @@ def summarize(sums: np.ndarray, counts: np.ndarray, total_bytes: Optional[int] =
     n = len(counts)
     se = float(np.sqrt(np.sum((sums - loss * counts) ** 2) * n / max(n - 1, 1)) / tokens) if n > 1 else float("nan")
     bpb = None if total_bytes is None else float(sums.sum() / math.log(2) / max(total_bytes, 1))
-    return EvalResult(loss, se, math.exp(min(loss, 700.0)), bpb, int(tokens), int(total_bytes or 0), n)
+    return EvalResult(loss, se, math.exp(min(loss, 700.0)), bpb, int(tokens), int(total_bytes or 0), windows_n)
 
 
 def window_sums(params, tokens, mask, m):
@@ -85,16 +98,33 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
-def windows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """[n, seq_len + 1] windows overlapping by one token, and a mask [n, seq_len] of real targets."""
-    n = max(1, math.ceil((len(tokens) - 1) / seq_len))
+def windows(tokens: np.ndarray, seq_len: int, bounds: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[n, seq_len + 1] windows overlapping by one token, a mask [n, seq_len] of real targets, and
+    each window's segment: `bounds` (segment starts and the end) cut the tokens into segments
+    windowed each on its own; without them the tokens are one text and each window its own group."""
+    if bounds is None or len(bounds) < 2:
+        bounds = np.asarray([0, len(tokens)], np.int64)
+        per_window = True
+    else:
+        per_window = False
+    lows, highs = np.asarray(bounds[:-1], np.int64), np.asarray(bounds[1:], np.int64)
+    counts = np.maximum(1, -(-(highs - lows - 1) // seq_len))
+    counts[highs - lows < 2] = 0  # a segment of one token predicts nothing
+    if counts.sum() == 0:
+        counts[0] = 1
+    n = int(counts.sum())
     out = np.zeros((n, seq_len + 1), np.int32)
     mask = np.zeros((n, seq_len), np.float32)
-    for w in range(n):
-        chunk = tokens[w * seq_len : w * seq_len + seq_len + 1]
-        out[w, : len(chunk)] = chunk
-        mask[w, : max(0, len(chunk) - 1)] = 1.0
-    return out, mask
+    group = np.zeros(n, np.int64)
+    w = 0
+    for g, (lo, hi, k) in enumerate(zip(lows, highs, counts)):
+        for j in range(k):
+            chunk = tokens[lo + j * seq_len : min(hi, lo + j * seq_len + seq_len + 1)]
+            out[w, : len(chunk)] = chunk
+            mask[w, : max(0, len(chunk) - 1)] = 1.0
+            group[w] = w if per_window else g
+            w += 1
+    return out, mask, group
 
 
 def batched_windows(wins: np.ndarray, mask: np.ndarray, batch: int):
@@ -108,11 +138,12 @@ def batched_windows(wins: np.ndarray, mask: np.ndarray, batch: int):
         yield chunk, cmask
 
 
-def evaluate_tokens(params, cfg, tokens: np.ndarray, byte_lengths: np.ndarray, *, batch: int = 8) -> EvalResult:
+def evaluate_tokens(params, cfg, tokens: np.ndarray, byte_lengths: np.ndarray, *, batch: int = 8,
+                    bounds: Optional[np.ndarray] = None) -> EvalResult:
     m = cfg.model
     if len(tokens) < 2:
         raise UserError("eval: the text has fewer than 2 tokens")
-    wins, mask = windows(np.asarray(tokens), m.seq_len)
+    wins, mask, groups = windows(np.asarray(tokens), m.seq_len, bounds)
     fn = jax.jit(lambda p, t, k: window_sums(p, t, k, m))
     sums, counts, total_bytes = [], [], 0
     for chunk, cmask in batched_windows(wins, mask, batch):
@@ -121,7 +152,7 @@ def evaluate_tokens(params, cfg, tokens: np.ndarray, byte_lengths: np.ndarray, *
         counts.append(np.asarray(c_, np.float64))
         targets = chunk[:, 1:]
         total_bytes += int(np.sum(byte_lengths[np.minimum(targets, len(byte_lengths) - 1)] * cmask))
-    return summarize(np.concatenate(sums), np.concatenate(counts), total_bytes)
+    return summarize(np.concatenate(sums), np.concatenate(counts), total_bytes, groups)
 
 
 def evaluate_run(run_dir: Path, *, text_file: Optional[Path] = None, data: Optional[str] = None,
@@ -134,6 +165,7 @@ def evaluate_run(run_dir: Path, *, text_file: Optional[Path] = None, data: Optio
     cfg, params, _ = load_run(run_dir)
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     lengths = token_byte_lengths(tokenizer)
+    bounds = None
     if text_file is not None:
         if not text_file.is_file():
             raise UserError(f"--text-file: {text_file} not found")
@@ -146,10 +178,13 @@ def evaluate_run(run_dir: Path, *, text_file: Optional[Path] = None, data: Optio
         data_cfg = cfg.override(data={"tokenizer": str(run_dir / "tokenizer.json"),
                                       **({"path": data, "sources": [], "mixture": []} if data else {})})
         check_paths(data_cfg, ("data",))  # the data it reads (the run's own, or --data)
-        tokens = build_pipeline(data_cfg, write_files=False).heldout_tokens()
+        pipeline = build_pipeline(data_cfg, write_files=False)
+        tokens, bounds = pipeline.heldout_tokens(), pipeline.heldout_bounds()
         if tokens.size == 0:
             raise UserError(f"{'--data' if data else '--run-dir'}: no tokens are held out (data.holdout="
                             f"{cfg.data.holdout}); evaluate on --text-file F instead")
     if max_tokens > 0:
         tokens = tokens[:max_tokens]
-    return evaluate_tokens(params, cfg, np.asarray(tokens, np.int32), lengths)
+        if bounds is not None:
+            bounds = np.append(bounds[bounds < len(tokens)], len(tokens))
+    return evaluate_tokens(params, cfg, np.asarray(tokens, np.int32), lengths, bounds=bounds)

@@ -107,7 +107,7 @@ def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, ov
                                     **({"path": data, "sources": [], "mixture": []} if data else {})})
     check_paths(stream_cfg, ("data",))  # the masks learn on the source's data (or --data)
     pipeline = build_pipeline(stream_cfg, write_files=False)
-    heldout = pipeline.heldout_tokens()
+    heldout, bounds = pipeline.heldout_tokens(), pipeline.heldout_bounds()
     if heldout.size < 2:
         raise UserError("prune: the source run's data holds out no tokens (data.holdout=0); nothing to judge "
                         "the pruned model on")
@@ -143,8 +143,8 @@ def prune(source: Path, out: Path, *, ffn: int, steps: int, lr: float = 0.05, ov
     small = slice_mlp(params, keep)
 
     # Held-out loss before and after, on the run's whole held-out set (crosstrain/evaluate.py).
-    full = evaluate_tokens(params, cfg, heldout, np.ones(1, np.int64))
-    pruned = evaluate_tokens(masked(params, jnp.asarray(hard)), cfg, heldout, np.ones(1, np.int64))
+    full = evaluate_tokens(params, cfg, heldout, np.ones(1, np.int64), bounds=bounds)
+    pruned = evaluate_tokens(masked(params, jnp.asarray(hard)), cfg, heldout, np.ones(1, np.int64), bounds=bounds)
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")

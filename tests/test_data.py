@@ -250,8 +250,9 @@ def test_packed_sequences_overlap_by_one_token():
 
 def test_heldout_split_is_counted_in_tokens_per_source(tmp_path, text_dir):
     """At least data.holdout of each source's tokens (and the 50k floor where a source allows it
-    within 10%), chosen by name and the same whatever the order; a single large document is split."""
-    from crosstrain.data.store import HOLDOUT_CAP, choose_heldout, heldout_target
+    within 10%), made of hash-chosen segments from many documents, the same whatever the order;
+    a single large document is split; no held-out token is trained on."""
+    from crosstrain.data.store import HOLDOUT_CAP, SEGMENT_MIN, choose_heldout, heldout_target
 
     big = tmp_path / "one.txt"
     big.write_text(make_text(np.random.default_rng(1), 60_000))
@@ -259,20 +260,61 @@ def test_heldout_split_is_counted_in_tokens_per_source(tmp_path, text_dir):
     report = p.report()
     for store, src in zip(p.stores, report["sources"]):
         total = store.tokens.size
-        assert src["heldout_tokens"] == store.heldout.size == heldout_target(total, 0.02)
-        assert 0.02 <= src["heldout_share"] <= HOLDOUT_CAP + 1e-9 and src["heldout_tokens"] >= min(50_000, 0.1 * total) - 1
-        assert store.train_end + store.heldout.size == total
+        held = src["heldout_tokens"]
+        # The target counts the source's own tokens; each hole may end the training piece before
+        # it with an end-of-document token of its own.
+        extra = src["heldout_segments"] + 1
+        assert held == store.heldout.size
+        assert heldout_target(total - extra, 0.02) <= held <= heldout_target(total, 0.02)
+        assert 0.02 <= src["heldout_share"] <= HOLDOUT_CAP + 1e-3 and held >= min(50_000, 0.1 * (total - extra)) - 1
+        assert store.train_end + store.heldout.size == total == src["tokens"]
     assert report["sources"][1]["documents"] == 1 and report["sources"][1]["heldout_documents"] == 1  # cut
+    assert report["sources"][0]["heldout_documents"] > 1  # segments from several documents, not one or two
     assert report["totals"]["heldout_tokens"] == sum(s.heldout.size for s in p.stores)
     assert report["totals"]["heldout_share"] == pytest.approx(report["totals"]["heldout_tokens"] / report["totals"]["tokens"])
-    # No held-out token is trained on: held-out and training windows of the big document do not overlap.
+    # No held-out token is trained on: every held-out segment of the big document is absent from its training stream.
     big_store = p.stores[1]
-    assert not np.shares_memory(big_store.train, big_store.heldout)
+    train = np.asarray(big_store.train)
+    held = np.asarray(big_store.heldout)
+    bounds = big_store.heldout_bounds
+    assert bounds[0] == 0 and bounds[-1] == held.size and len(bounds) == report["sources"][1]["heldout_segments"] + 1
+    windows = np.lib.stride_tricks.sliding_window_view(train, 32)
+    for lo, hi in zip(bounds[:-1:5], bounds[1::5]):
+        probe = held[lo:lo + 32]
+        assert probe.size == 32 and not (windows == probe).all(axis=1).any()
     # The choice depends on the names only, not on the order documents come in.
-    lengths, orders = [5, 40, 7, 12, 30], [9, 3, 7, 1, 5]
-    whole, cut = choose_heldout(lengths, orders, 20)
+    lengths, orders = [500, 4000, 700, 1200, 3000], [9, 3, 7, 1, 5]
+    chosen = choose_heldout(lengths, orders, 2000, segment=256)
     perm = [4, 2, 0, 3, 1]
-    whole2, cut2 = choose_heldout([lengths[i] for i in perm], [orders[i] for i in perm], 20)
-    assert sorted(perm[i] for i in whole2) == sorted(whole) and (perm[cut2[0]], cut2[1]) == cut
-    assert sum(lengths[i] for i in whole) + cut[1] == 20
+    chosen2 = choose_heldout([lengths[i] for i in perm], [orders[i] for i in perm], 2000, segment=256)
+    assert sorted((perm[d], lo, hi) for d, lo, hi in chosen2) == sorted(chosen)
+    assert sum(hi - lo for _, lo, hi in chosen) == 2000
+    assert all(hi - lo <= 256 and 0 <= lo < hi <= lengths[d] for d, lo, hi in chosen)
+    assert len({d for d, _, _ in chosen}) >= 3  # spread over documents
     assert heldout_target(1000, 0.0) == 0 and heldout_target(10_000_000, 0.01) == 100_000
+
+
+def test_heldout_segments_are_windowed_each_on_its_own():
+    """No window of a segmented held-out set reads one segment as another's context, every token
+    after a segment's first is a target once, and the standard error counts segments, not windows."""
+    from crosstrain.evaluate import summarize, windows
+
+    tokens = np.arange(1, 31, dtype=np.int32)
+    bounds = np.array([0, 10, 11, 30])  # a 10-token segment, a 1-token one (nothing to predict), a 19-token one
+    wins, mask, groups = windows(tokens, 8, bounds)
+    assert mask.sum() == 9 + 0 + 18
+    for w, m, g in zip(wins, mask, groups):
+        seg = (0, 10) if g == 0 else (11, 30)
+        used = w[: int(m.sum()) + 1]
+        assert used.min() >= tokens[seg[0]] and used.max() <= tokens[seg[1] - 1]
+    assert set(groups.tolist()) == {0, 2}
+    # Windows of one segment that agree with each other but not with the other segment: an SE over
+    # two segments is larger than one over their windows taken as independent.
+    sums = np.where(groups == 0, 1.0, 3.0) * mask.sum(axis=1)
+    by_segment = summarize(sums, mask.sum(axis=1), groups=groups)
+    by_window = summarize(sums, mask.sum(axis=1))
+    assert by_segment.loss == pytest.approx(by_window.loss) and by_segment.loss_se > by_window.loss_se
+    assert by_segment.windows == len(wins)
+    # Without bounds the tokens are one text, each window its own group.
+    wins1, mask1, groups1 = windows(tokens, 8)
+    assert mask1.sum() == 29 and list(groups1) == list(range(len(wins1)))

@@ -121,12 +121,21 @@ class Pipeline:
         held = [s.heldout for s in self.stores if s.heldout.size]
         return np.concatenate(held) if held else np.zeros(0, np.int32)
 
+    def heldout_bounds(self) -> np.ndarray:
+        """Where each held-out segment starts in heldout_tokens(), and the end (crosstrain/data/store.py)."""
+        bounds, at = [np.zeros(1, np.int64)], 0
+        for s in self.stores:
+            if s.heldout.size:
+                bounds.append(s.heldout_bounds[1:] + at)
+                at += s.heldout.size
+        return np.concatenate(bounds)
+
     def report(self) -> dict:
         reports = [s.report for s in self.stores]
         totals = {
             key: sum(r.get(key, 0) for r in reports)
             for key in ("documents", "tokens", "empty_skipped", "invalid_utf8", "malformed_lines", "missing_field",
-                        "long_lines_split", "heldout_documents", "heldout_tokens")
+                        "long_lines_split", "heldout_documents", "heldout_segments", "heldout_tokens")
         }
         totals["heldout_share"] = totals["heldout_tokens"] / max(1, totals["tokens"])
         return {"sources": reports, "totals": totals}
@@ -154,7 +163,7 @@ def _describe(report: dict) -> str:
     parts = [f"{report['documents']:,} documents, {report['tokens']:,} tokens"]
     if report.get("heldout_tokens"):
         parts.append(f"{report['heldout_tokens']:,} tokens held out ({100 * report['heldout_share']:.1f}%, "
-                     f"from {report['heldout_documents']} documents)")
+                     f"{report.get('heldout_segments', 0)} segments of {report['heldout_documents']} documents)")
     if report["empty_skipped"]:
         parts.append(f"{report['empty_skipped']} empty skipped")
     if report["invalid_utf8"]:

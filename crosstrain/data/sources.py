@@ -43,8 +43,9 @@ class SourceReport:
     malformed_lines: int = 0
     missing_field: int = 0
     long_lines_split: int = 0
-    tokens: int = 0
-    heldout_documents: int = 0  # documents held out whole or in part (the last one is cut)
+    tokens: int = 0  # as stored: a piece cut off by a held-out segment ends with its own end-of-document token
+    heldout_documents: int = 0  # documents that give the held-out set one or more segments
+    heldout_segments: int = 0  # held-out segments (crosstrain/data/store.py), each evaluated on its own
     heldout_tokens: int = 0
     heldout_share: float = 0.0  # of the source's tokens
     first_malformed: list[str] = field(default_factory=list)

@@ -378,21 +378,30 @@ class Trainer:
         self.records.write(record)
         self.goodput.account(self.ckpt.stall_s)
 
-    def _heldout_windows(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    def _heldout_windows(self) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The held-out windows the run evaluates (crosstrain/evaluate.py): every held-out token, or
         the first train.eval_batches global batches of them; None when nothing is held out."""
         tokens = self.pipeline.heldout_tokens()
         if tokens.size < 2:
             log.info("evaluation: no tokens are held out (data.holdout=%s); no held-out loss", self.cfg.data.holdout)
             return None
-        wins, mask = windows(tokens, self.m.seq_len)
+        bounds = self.pipeline.heldout_bounds()
+        wins, mask, groups = windows(tokens, self.m.seq_len, bounds)
+        every = int(mask.sum())
         if self.t.eval_batches:
-            wins, mask = wins[: self.t.eval_batches * self.t.batch], mask[: self.t.eval_batches * self.t.batch]
+            keep = self.t.eval_batches * self.t.batch
+            wins, mask, groups = wins[:keep], mask[:keep], groups[:keep]
         held = int(mask.sum())
-        log.info("evaluation: %s held-out tokens in %d windows%s", f"{held:,}", len(wins),
-                 "" if held == tokens.size - 1 else f" (the first {self.t.eval_batches} batches of {tokens.size:,}: "
+        log.info("evaluation: %s held-out tokens in %d windows of %d segments%s", f"{held:,}", len(wins),
+                 len(np.unique(groups)),
+                 "" if held == every else f" (the first {self.t.eval_batches} batches of {every:,} tokens: "
                  "crosstrain eval takes them all)")
-        return wins, mask
+        longest = int(np.diff(bounds).max()) if len(bounds) > 1 else 0
+        if 0 < longest < self.m.seq_len + 1:
+            log.info("evaluation: held-out segments hold at most %d tokens, so held-out windows see less context "
+                     "than model.seq_len=%d (a larger held-out set, data.holdout, has longer segments)",
+                     longest, self.m.seq_len)
+        return wins, mask, groups
 
     def _evaluate(self, step: int) -> None:
         if self.heldout is None:
@@ -400,12 +409,13 @@ class Trainer:
         t0 = time.perf_counter()
         lo, hi = self.rows
         sums, counts = [], []
-        for batch, mask in batched_windows(*self.heldout, self.t.batch):
+        wins, masks, groups = self.heldout
+        for batch, mask in batched_windows(wins, masks, self.t.batch):
             s_, c_ = self.eval_fn(self.state.params, global_batch_array(self.setup, batch[lo:hi]),
                                   global_batch_array(self.setup, mask[lo:hi]))
             sums.append(np.asarray(s_, np.float64))
             counts.append(np.asarray(c_, np.float64))
-        result = summarize(np.concatenate(sums), np.concatenate(counts))
+        result = summarize(np.concatenate(sums), np.concatenate(counts), groups=groups)
         self.goodput.evaluated(time.perf_counter() - t0)
         if self.last_record.get("step") == step:
             self.last_record["eval_loss"] = result.loss
