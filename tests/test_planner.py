@@ -359,6 +359,52 @@ def test_offload_recomputes_the_mlp_and_keeps_nothing_on_device():
     assert by["offload"].memory["activations"] < by["full"].memory["activations"]
 
 
+def test_memory_settings_the_sources_state():
+    """A distributed optimizer, host offload, vocabulary tiles and a chip's memory variant each
+    move the memory they name, and nothing else."""
+    m = _afm_like()
+    h100 = get_chip("h100-sxm")
+    base = Layout(tp=4, pp=2, dp=4, cp=2, microbatch=1, remat="none")
+    plain = estimate(m, h100, base, global_batch=64)
+    dist = estimate(m, h100, Layout(**{**base.__dict__, "zero1": True}), global_batch=64)
+    per_device = total_params(m) / (4 * 2)
+    # bf16 weights on every rank; fp32 master weights and both moments over dp x cp = 8 ranks.
+    assert dist.memory["params"] == pytest.approx(per_device * 2)
+    assert dist.memory["optimizer"] == pytest.approx(per_device * 12 / 8)
+    assert plain.memory["params"] == pytest.approx(per_device * 4)
+    assert plain.memory["optimizer"] == pytest.approx(per_device * 8)
+    assert dist.step_time_s == pytest.approx(plain.step_time_s)
+    v6e = get_chip("tpu-v6e")
+    full = estimate(m, v6e, Layout(fsdp=8, microbatch=1, remat="full"), global_batch=8)
+    host = estimate(m, v6e, Layout(fsdp=8, microbatch=1, remat="full", host_offload=True), global_batch=8)
+    assert host.memory["activations"] < 0.5 * full.memory["activations"]  # only the working layer stays
+    assert host.hardware_flops_per_step == full.hardware_flops_per_step
+    tiled = estimate(m, v6e, Layout(fsdp=8, microbatch=1, remat="full", vocab_tiles=4), global_batch=8)
+    assert tiled.memory["logits"] == pytest.approx(full.memory["logits"] / 4)
+    # With a flash kernel, published software keeps no more with remat none than Megatron's
+    # selective: the softmax it would drop is never stored.
+    none = estimate(m, h100, Layout(fsdp=8, microbatch=1, remat="none"), global_batch=8)
+    sel = estimate(m, h100, Layout(fsdp=8, microbatch=1, remat="selective"), global_batch=8)
+    assert none.memory["activations"] <= sel.memory["activations"]  # selective adds a working layer
+    assert none.step_time_s < sel.step_time_s
+
+
+def test_a_row_with_a_memory_variant_of_its_chip(tmp_path, capsys):
+    text = shipped_cases_path().read_text().splitlines()
+    path = tmp_path / "c.csv"
+    path.write_text(text[0] + ",hbm_gb\n" + text[1] + ",160\n")
+    assert main(["plan", "--cases", str(path), "--json"]) == 0
+    big = json.loads(capsys.readouterr().out)["cases"][0]
+    path.write_text(text[0] + "\n" + text[1] + "\n")
+    assert main(["plan", "--cases", str(path), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)["cases"][0]
+    assert big["capacity_gib"] == pytest.approx(plain["capacity_gib"] * 160e9 / get_chip(plain["chip"]).hbm_gib / 2**30)
+    path.write_text(text[0] + ",hbm_gb\n" + text[1] + ",lots\n")
+    assert main(["plan", "--cases", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "hbm_gb must be a positive number" in err and err.count("\n") == 1
+
+
 def test_bad_source_setting_in_cases_file(tmp_path, capsys):
     text = shipped_cases_path().read_text().splitlines()
     bad = tmp_path / "c.csv"

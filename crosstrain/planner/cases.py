@@ -28,11 +28,11 @@ from crosstrain.planner.search import LAYOUT_FLAGS as SEARCH_LAYOUT_FLAGS, searc
 
 REQUIRED = ("id", "chip", "chips", "layers", "hidden", "heads", "ffn", "vocab", "seq_len", "metric", "value")
 METRICS = ("mfu", "tflops_per_chip_model", "tflops_per_chip_hw", "tokens_per_s_per_chip", "seqs_per_s", "step_time_s")
-REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "selective", "dots": "dots", "mlp": "mlp",
+REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "minimal", "dots_saveable": "minimal", "dots": "dots", "mlp": "mlp",
                "offload": "offload", "full": "full"}
 # Source-stated settings without a column of their own, given per run in
 # published_cases_assumptions.csv with the source's words as the basis.
-LAYOUT_FLAGS = {**{k: type(getattr(Layout(), k)) for k in SEARCH_LAYOUT_FLAGS}, "flash": bool}
+LAYOUT_FLAGS = {**{k: type(getattr(Layout(), k)) for k in SEARCH_LAYOUT_FLAGS}, "zero1": bool, "flash": bool}
 
 
 class Refused(UserError):
@@ -204,6 +204,18 @@ def prepare_case(row: dict[str, str]) -> Prepared:
             row[key] = value
             assumed.append(f"{key}={value} ({basis})")
     chip = get_chip(row["chip"])
+    hbm = (row.get("hbm_gb") or "").strip()
+    if hbm:
+        # A variant of the catalogued part with other memory (H100 96GB HBM3 beside the 80GB SXM),
+        # where the source says so (published_cases_assumptions.csv gives the basis).
+        try:
+            gb = float(hbm)
+        except ValueError:
+            gb = -1.0
+        if not gb > 0:
+            raise UserError(f"--cases: row {row['id']}: hbm_gb must be a positive number of GB, got '{hbm}'")
+        chip = dataclasses.replace(chip, hbm_gib=gb * 1e9 / 2**30)
+        assumed.append(f"{gb:g} GB of memory per chip (the source's variant of {chip.name})")
     chips = int(row["chips"])
     unit_per_chip = chip.devices_per_chip
     devices = chips * unit_per_chip
@@ -236,10 +248,13 @@ def prepare_case(row: dict[str, str]) -> Prepared:
             continue
         if kind is bool and value in ("true", "false"):
             fixed[key] = value == "true"
-        elif kind is int and value in ("1", "2", "4"):
+        elif kind is int and key == "vocab_tiles" and value.isdigit() and int(value) >= 1:
+            fixed[key] = int(value)
+        elif kind is int and key != "vocab_tiles" and value in ("1", "2", "4"):
             fixed[key] = int(value)
         else:
-            allowed = "true or false" if kind is bool else "1, 2 or 4 (bytes per element)"
+            allowed = ("true or false" if kind is bool else "a positive integer" if key == "vocab_tiles"
+                       else "1, 2 or 4 (bytes per element)")
             raise UserError(f"--cases: row {row['id']}: {key} must be {allowed}, got '{value}'")
     if _int(row, "virtual_stages"):
         fixed["virtual_stages"] = _int(row, "virtual_stages")

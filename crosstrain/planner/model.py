@@ -120,7 +120,10 @@ class Layout:
     microbatch: int = 1  # sequences per data-parallel rank per microbatch
     virtual_stages: int = 1  # interleaved pipeline schedule
     sequence_parallel: bool = True  # shard norm/residual activations over tp (Megatron SP)
-    zero1: bool = False  # optimizer state sharded over dp
+    # A distributed optimizer (Megatron-core's, Apex's distributed fused Adam, NxD's ZeRO-1):
+    # bf16 weights on every rank, their fp32 master copy and both moments sharded over the
+    # data-parallel ranks (dp x cp).
+    zero1: bool = False
     remat: str = "full"  # none | selective | dots | attention | mlp | offload | full
     # FSDP: weights all-gathered for every microbatch's forward and backward (ZeRO-3, the
     # default), or once per step and kept gathered until the backward is done (ZeRO-2; Llama 3's
@@ -135,6 +138,12 @@ class Layout:
     # The software overlaps tensor-parallel collectives with the matmuls (Megatron-core's
     # --tp-comm-overlap, XLA's collective matmul): a source-stated setting, not a fitted one.
     tp_comm_overlap: bool = False
+    # The activations the remat policy saves go to host memory (MaxText's offloading policies:
+    # `decoder_layer_input` offloaded under an otherwise full remat), none stay on the device.
+    host_offload: bool = False
+    # The output layer and its loss computed in this many vocabulary tiles (MaxText's
+    # num_vocab_tiling): only one tile's logits are live at a time.
+    vocab_tiles: int = 1
 
     @property
     def devices(self) -> int:
@@ -216,7 +225,7 @@ def recomputed_attention_fraction(remat: str, *, flash: bool, implementation: st
     under full remat and offload, and under selective (Megatron's definition: recompute the
     attention core) except in crosstrain's step with Splash, whose selective policy keeps the
     kernel's residuals; "attention" and "dots" keep its output."""
-    if remat in ("full", "offload") or (remat == "selective" and not (flash and implementation == "crosstrain")):
+    if remat in ("full", "offload", "minimal") or (remat == "selective" and not (flash and implementation == "crosstrain")):
         return 1.0
     if remat == "mlp" and not flash:
         return 0.5  # the attention output is kept; the scores (QK^T, softmax) are not
@@ -326,6 +335,18 @@ def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool
     layer_input = BF16 * m.hidden / h_div
     # The attention output, and with a flash kernel its fp32 log-sum-exp per head.
     attn_saved = BF16 * m.heads * hd / tp + (FP32 * m.heads / tp if flash else 0.0)
+    # jax's dots_saveable (AXLearn) and checkpoint_dots_with_no_batch_dims (MaxText's "minimal"):
+    # every weight matmul's output (q, k, v, the attention projection, the MLP's gate and up, its
+    # down projection) beside the layer input; norms, RoPE and activations are recomputed.
+    dots = (2 * layer_input + BF16 * (m.heads + 2 * m.kv_heads) * hd / tp + BF16 * m.hidden / h_div
+            + BF16 * (2 if glu else 1) * m.ffn / tp)
+    if flash and implementation != "crosstrain":
+        # Published software with a flash kernel and fused elementwise ops (Transformer Engine's
+        # fused RoPE and SwiGLU, XLA's fusions) keeps, with no recomputation, what the backward
+        # pass cannot avoid: the selective set. RoPE's backward is linear and needs no input,
+        # SwiGLU's recomputes silu from the gate, and the softmax, the only thing Megatron's
+        # selective recomputation drops, a flash kernel never stores.
+        full_layer = selective
     working = full_layer
     if implementation == "crosstrain":
         elements = activation_elements_per_token_layer(m, lay, glu)
@@ -369,7 +390,9 @@ def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool
         "selective": selective,
         # Every weight matmul's output: XLA's analysis of crosstrain's step (v5p, AFM-on-device)
         # keeps what selective keeps, within 1% (the fused ops' backward saves their bf16 outputs).
-        "dots": selective,
+        "dots": selective if implementation == "crosstrain" else dots,
+        # MaxText's "minimal": the same tensors; the attention kernel (no weight matmul) is rerun.
+        "minimal": dots,
         "attention": layer_input + attn_saved,
         # AXLearn's default (save_only_these_names of the attention's q, k, v, context and
         # output projection): the MLP and the norms are recomputed.
@@ -516,7 +539,11 @@ def estimate(
     # ---- memory -----------------------------------------------------------------------------
     params_b = params_total / shard * FP32
     grads_b = params_total / shard * FP32
-    opt_b = params_total / shard * 2 * FP32 / (lay.dp if lay.zero1 else 1)
+    opt_b = params_total / shard * 2 * FP32
+    if lay.zero1:
+        # bf16 weights on every rank; the fp32 master copy and both moments over dp x cp.
+        params_b = params_total / shard * BF16
+        opt_b = params_total / shard * 3 * FP32 / (lay.dp * lay.cp)
     # crosstrain's own flash kernel is the platform's: Splash on TPU, cuDNN on NVIDIA GPUs, each
     # with what XLA's program for that platform keeps (ProgramMemory).
     program = (CROSSTRAIN_PROGRAM.get("gpu" if chip.family == "gpu" else "tpu")
@@ -524,12 +551,19 @@ def estimate(
     act = activation_bytes_per_token_layer(m, lay, flash=flash, glu=glu, implementation=implementation,
                                            kernel="cudnn" if chip.family == "gpu" else "splash")
     in_flight = min(lay.pp, n_micro) if lay.pp > 1 else 1
-    saved = act[lay.remat] * micro_tokens * layers_stage * in_flight
+    saved = 0.0 if lay.host_offload else act[lay.remat] * micro_tokens * layers_stage * in_flight
     working = act["working"] * micro_tokens * (1 if lay.remat != "none" else 0)
     # fp32 logits and their gradient; crosstrain's fused loss without a flash kernel keeps one fp32
     # copy live beside the reference attention's scores (XLA's TPU memory analysis).
-    logits = micro_tokens * m.vocab / lay.tp * (program.logit_bytes if program else
-                                                FP32 if implementation == "crosstrain" else 2 * FP32)
+    # Published software: on GPUs and Trainium, the loss's fp32 copy of the logits, which its
+    # backward turns into the gradient in place, and that gradient cast to bf16 for the output
+    # layer's backward (Megatron's vocab-parallel cross-entropy). On TPU, XLA fuses the softmax
+    # and its gradient into the output matmuls and keeps only the bf16 logits (measured on
+    # crosstrain's step: ProgramMemory.logit_bytes; MaxText's and AXLearn's losses are the same
+    # jnp program). In vocabulary tiles, one tile's logits at a time.
+    published_logit_bytes = CROSSTRAIN_PROGRAM["tpu"].logit_bytes if chip.family == "tpu" else FP32 + BF16
+    logits = micro_tokens * m.vocab / lay.tp / lay.vocab_tiles * (
+        program.logit_bytes if program else FP32 if implementation == "crosstrain" else published_logit_bytes)
     gathered = 0.0
     if lay.fsdp > 1:
         # Two layers' weights in flight (the one computing, the next arriving), or the whole
