@@ -374,6 +374,15 @@ def test_memory_settings_the_sources_state():
     assert plain.memory["params"] == pytest.approx(per_device * 4)
     assert plain.memory["optimizer"] == pytest.approx(per_device * 8)
     assert dist.step_time_s == pytest.approx(plain.step_time_s)
+    # fp8 weights (Megatron's fp8_param_gather) and a bf16 gradient buffer (grad_reduce_in_fp32 off).
+    lean = estimate(m, h100, Layout(**{**base.__dict__, "zero1": True, "gather_bytes": 1, "reduce_bytes": 2}),
+                    global_batch=64)
+    assert lean.memory["params"] == pytest.approx(per_device * 1)
+    assert lean.memory["grads"] == pytest.approx(per_device * 2)
+    # PyTorch's allocator may use the whole HBM; crosstrain's XLA client takes a fixed fraction.
+    ours = estimate(m, h100, Layout(fsdp=8, microbatch=1, remat="full"), global_batch=8, implementation="crosstrain")
+    assert plain.capacity_gib == pytest.approx(h100.hbm_gib)
+    assert ours.capacity_gib < 0.95 * h100.hbm_gib
     v6e = get_chip("tpu-v6e")
     full = estimate(m, v6e, Layout(fsdp=8, microbatch=1, remat="full"), global_batch=8)
     host = estimate(m, v6e, Layout(fsdp=8, microbatch=1, remat="full", host_offload=True), global_batch=8)

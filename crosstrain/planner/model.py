@@ -124,7 +124,7 @@ class Layout:
     # bf16 weights on every rank, their fp32 master copy and both moments sharded over the
     # data-parallel ranks (dp x cp).
     zero1: bool = False
-    remat: str = "full"  # none | selective | dots | attention | mlp | offload | full
+    remat: str = "full"  # none | selective | dots | minimal | attention | mlp | offload | full
     # FSDP: weights all-gathered for every microbatch's forward and backward (ZeRO-3, the
     # default), or once per step and kept gathered until the backward is done (ZeRO-2; Llama 3's
     # "FSDP that does not reshard after forward").
@@ -538,11 +538,14 @@ def estimate(
 
     # ---- memory -----------------------------------------------------------------------------
     params_b = params_total / shard * FP32
-    grads_b = params_total / shard * FP32
+    # The gradient buffer is kept in the dtype it is reduced in (Megatron's grad_reduce_in_fp32,
+    # Apex's grad_sync_dtype, Composer's PURE mixed precision); crosstrain's own is fp32.
+    grads_b = params_total / shard * (FP32 if implementation == "crosstrain" else lay.reduce_bytes)
     opt_b = params_total / shard * 2 * FP32
     if lay.zero1:
-        # bf16 weights on every rank; the fp32 master copy and both moments over dp x cp.
-        params_b = params_total / shard * BF16
+        # The weights on every rank in the dtype they are gathered in (bf16, or fp8 with
+        # Megatron's fp8_param_gather); the fp32 master copy and both moments over dp x cp.
+        params_b = params_total / shard * lay.gather_bytes
         opt_b = params_total / shard * 3 * FP32 / (lay.dp * lay.cp)
     # crosstrain's own flash kernel is the platform's: Splash on TPU, cuDNN on NVIDIA GPUs, each
     # with what XLA's program for that platform keeps (ProgramMemory).
@@ -593,7 +596,10 @@ def estimate(
         "reserved": fam.reserved_gib * GIB,
     }
     total = sum(memory.values())
-    capacity = chip.hbm_gib / chip.devices_per_chip * fam.usable
+    # crosstrain's XLA client takes a fixed fraction of a GPU's memory (platform.py); PyTorch's
+    # caching allocator can take all of it, the CUDA context and NCCL's buffers being `reserved`.
+    usable = 1.0 if chip.family == "gpu" and implementation != "crosstrain" else fam.usable
+    capacity = chip.hbm_gib / chip.devices_per_chip * usable
     return Estimate(
         layout=lay,
         devices=D,
