@@ -70,9 +70,9 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4, pro
         compiled = compile_train_step(cfg, setup, state)
         compile_s = time.perf_counter() - t0
 
-        def run(n: int) -> tuple[float, float, float]:
+        def run(n: int) -> tuple[float, float, float, float]:
             nonlocal state
-            wait = dispatch = 0.0
+            wait = fetch = dispatch = 0.0
             start = time.perf_counter()
             metrics = None
             for _ in range(n):
@@ -80,12 +80,15 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4, pro
                 index = int(batches.get_state()["next_index"])
                 batch = global_batch_array(setup, next(batches))
                 w1 = time.perf_counter()
+                # Data wait: batch time the device was idle for (nothing dispatched still running).
+                if metrics is None or all(x.is_ready() for x in jax.tree.leaves(metrics)):
+                    wait += w1 - w0
                 state, metrics = compiled(state, batch, jnp.int32(index))
                 w2 = time.perf_counter()
-                wait += w1 - w0
+                fetch += w1 - w0
                 dispatch += w2 - w1
             jax.block_until_ready(metrics)
-            return (time.perf_counter() - start) / n, wait / n, dispatch / n
+            return (time.perf_counter() - start) / n, wait / n, dispatch / n, fetch / n
 
         run(warmup)
         if profile is not None:
@@ -100,6 +103,7 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4, pro
     step_time = statistics.median(w[0] for w in windows)
     data_wait = statistics.median(w[1] for w in windows)
     host = statistics.median(w[2] for w in windows)
+    data_fetch = statistics.median(w[3] for w in windows)
     fpt = flops_per_token(m)
     achieved = fpt * tokens_per_step / step_time
     peak, peak_note = total_peak_flops(devices, m.compute_dtype)
@@ -119,6 +123,7 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4, pro
         "host_overhead_fraction": host / step_time,
         "data_wait_s": data_wait,
         "data_wait_fraction": data_wait / step_time,
+        "data_fetch_s": data_fetch,
         "predicted_step_time_s": predicted,
         "predicted_note": predicted_note,
         "flops_per_token": fpt,
@@ -146,7 +151,8 @@ def describe(r: dict[str, Any]) -> str:
         f"MFU {100 * r['mfu']:.1f}% ({r['mfu_note']}; {CONVENTION_NOTE})" if r["mfu"] is not None
         else f"MFU n/a ({r['mfu_note']})",
         f"host overhead {r['host_overhead_s'] * 1e3:.2f} ms/step ({100 * r['host_overhead_fraction']:.2f}%), "
-        f"data wait {r['data_wait_s'] * 1e3:.2f} ms/step ({100 * r['data_wait_fraction']:.2f}%)"
+        f"data wait {r['data_wait_s'] * 1e3:.2f} ms/step ({100 * r['data_wait_fraction']:.2f}%; "
+        f"taking a batch {r['data_fetch_s'] * 1e3:.2f} ms, the rest behind the running step)"
         + ("" if r["huge_pages"] else "; huge pages off (run through the `crosstrain` program for them)"),
     ]
     if r["predicted_step_time_s"]:

@@ -29,6 +29,7 @@ def test_bench_json_is_complete_and_consistent(capsys, tmp_path):
     assert r["mfu"] == pytest.approx(r["achieved_tflops"] / r["matmul_ceiling_tflops"][key], rel=1e-9)
     assert r["attention_flops"] == "causal"
     assert 0 <= r["host_overhead_fraction"] < 1 and 0 <= r["data_wait_fraction"] < 1
+    assert 0 <= r["data_wait_s"] <= r["data_fetch_s"]
     assert isinstance(r["huge_pages"], bool)
 
 

@@ -65,8 +65,10 @@ def test_train_tiny_end_to_end(tmp_path):
     assert "Traceback" not in proc.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
-    for key in ("step", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu"):
+    for key in ("step", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu", "data_wait_s", "data_fetch_s"):
         assert key in records[0]
+    # Data wait is the part of the host's batch time the device was idle for.
+    assert all(0 <= r["data_wait_s"] <= r["data_fetch_s"] < r["step_time_s"] for r in records)
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
     assert records[0]["mfu"] is not None and 0 < records[-1]["mfu"] < 1
     summary = json.loads((run / "summary.json").read_text())
@@ -135,3 +137,17 @@ def test_heldout_loss_agrees_with_the_late_training_loss(tmp_path):
     standalone = evaluate_run(run)
     assert standalone.loss == pytest.approx(summary["eval_loss"], abs=1e-4)
     assert standalone.loss_se == pytest.approx(summary["eval_loss_se"], rel=1e-3)
+
+
+def test_a_batch_taken_while_the_device_is_busy_is_not_data_wait():
+    from crosstrain.train.timing import StepTimer
+
+    timer = StepTimer()
+    timer.waited(0.004)  # the first batch: nothing was running
+    timer.dispatched()
+    timer.waited(0.003, hidden=True)  # taken while step 1 still ran
+    timer.dispatched()
+    _, wait, fetch = timer.close_window(timer.window_start + 1.0)
+    assert wait == pytest.approx(0.004 / 2) and fetch == pytest.approx(0.007 / 2)
+    _, wait, fetch = timer.close_window(timer.window_start + 1.0)
+    assert wait == fetch == 0.0  # a new window

@@ -103,6 +103,11 @@ def train(cfg: Config, run_dir: Path, *, started: Optional[float] = None, device
         return Trainer(cfg, run_dir, setup, rule, started).run()
 
 
+
+def _ready(tree: Any) -> bool:
+    """Whether every array of a step's outputs has been computed (no blocking)."""
+    return all(x.is_ready() for x in jax.tree.leaves(tree) if isinstance(x, jax.Array))
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, setup: Setup, rule, started: float):
         # `asked` is the config as the user gave it (written to config.yaml, portable); `cfg` is
@@ -297,7 +302,9 @@ class Trainer:
             batch_index = int(self.batches.get_state()["next_index"])
             host_batch = next(self.batches)
             batch = global_batch_array(self.setup, host_batch)
-            self.timer.waited(time.perf_counter() - w0)
+            # The step dispatched last still running now that the batch is ready: the device never
+            # waited for it (asynchronous dispatch overlapped the fetch with that step).
+            self.timer.waited(time.perf_counter() - w0, hidden=pending is not None and not _ready(pending[1]))
             if self.profile.starts_at(self.step + 1):
                 self.ckpt.wait()  # no save in flight once the trace starts
             self.profile.before_step(self.step + 1, self.state)
@@ -358,7 +365,7 @@ class Trainer:
         return False
 
     def _record(self, step: int, values: dict[str, float], now: float) -> None:
-        step_time, data_wait = self.timer.close_window(now)
+        step_time, data_wait, data_fetch = self.timer.close_window(now)
         tps = self.tokens_per_step / step_time
         record = {
             "step": step,
@@ -369,6 +376,7 @@ class Trainer:
             "tokens_per_s": tps,
             "mfu": (self.flops_per_step / step_time / self.peak) if self.peak else None,
             "data_wait_s": data_wait,
+            "data_fetch_s": data_fetch,
             "tokens_seen": step * self.tokens_per_step,
             "skipped": int(values["skipped"]),
             **({"distill_loss": values["distill_loss"]} if "distill_loss" in values else {}),

@@ -24,6 +24,7 @@ SCALARS = {
     "mfu": "perf/mfu",
     "step_time_s": "perf/step_time_s",
     "data_wait_s": "perf/data_wait_s",
+    "data_fetch_s": "perf/data_fetch_s",
     "tokens_seen": "train/tokens_seen",
     "skipped": "faults/skipped",
     "nonfinite_skipped": "faults/nonfinite_skipped",

@@ -30,11 +30,14 @@ class StepTimer:
     def restart(self) -> None:
         """A new window from now (the loop starts, or restarts after a rollback)."""
         self.window_start = self.last_done = time.perf_counter()
-        self.window_steps, self.window_wait = 0, 0.0
+        self.window_steps, self.window_wait, self.window_fetch = 0, 0.0, 0.0
 
-    def waited(self, seconds: float) -> None:
-        """Time spent taking the next batch."""
-        self.window_wait += seconds
+    def waited(self, seconds: float, hidden: bool = False) -> None:
+        """Time spent taking the next batch. It is data wait unless `hidden`: the device was still
+        busy with the step before when the batch was ready, so it waited for nothing."""
+        self.window_fetch += seconds
+        if not hidden:
+            self.window_wait += seconds
 
     def dispatched(self) -> None:
         self.window_steps += 1
@@ -44,13 +47,15 @@ class StepTimer:
         self.step_seconds[step] = now - self.last_done
         self.last_done = now
 
-    def close_window(self, now: float) -> tuple[float, float]:
-        """(mean step time, mean data wait) of the window up to `now`; the next window starts."""
+    def close_window(self, now: float) -> tuple[float, float, float]:
+        """(mean step time, mean data wait, mean host time taking a batch) of the window up to
+        `now`; the next window starts."""
         n = max(self.window_steps, 1)
-        step_time, wait = (now - self.window_start) / n, self.window_wait / n
+        step_time, wait, fetch = (now - self.window_start) / n, self.window_wait / n, self.window_fetch / n
         self.logged.append(step_time)
-        self.window_start, self.window_steps, self.window_wait = time.perf_counter(), 0, 0.0
-        return step_time, wait
+        self.window_start = time.perf_counter()
+        self.window_steps, self.window_wait, self.window_fetch = 0, 0.0, 0.0
+        return step_time, wait, fetch
 
     def skip_pause(self) -> None:
         """Leave out of the window the time since it started (an evaluation that just ran)."""
