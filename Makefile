@@ -26,7 +26,7 @@ demo: install
 	$(VENV)/bin/crosstrain generate --run-dir runs/demo --prompt "def " --max-new-tokens 80 --temperature 0.8 --top-k 40
 
 test: install-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install-dev
 	$(PY) -m pytest -q -m "not slow"
