@@ -26,7 +26,15 @@ from crosstrain.flops import CONVENTION_NOTE, CROSSTRAIN_CONVENTION, flops_per_t
 from crosstrain.parallel.mesh import apply_mesh_rule
 from crosstrain.parallel.rules import activate
 from crosstrain.platform import huge_pages_active
-from crosstrain.runtime import compile_train_step, global_batch_array, init_train_state, make_setup, process_rows, total_peak_flops
+from crosstrain.runtime import (
+    compile_train_step,
+    computed,
+    global_batch_array,
+    init_train_state,
+    make_setup,
+    process_rows,
+    total_peak_flops,
+)
 
 
 def predicted_step_time(cfg: Config, setup, devices) -> tuple[float | None, str]:
@@ -81,7 +89,7 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, window: int = 4, pro
                 batch = global_batch_array(setup, next(batches))
                 w1 = time.perf_counter()
                 # Data wait: batch time the device was idle for (nothing dispatched still running).
-                if metrics is None or all(x.is_ready() for x in jax.tree.leaves(metrics)):
+                if metrics is None or computed(metrics):
                     wait += w1 - w0
                 state, metrics = compiled(state, batch, jnp.int32(index))
                 w2 = time.perf_counter()

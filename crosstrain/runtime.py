@@ -214,6 +214,12 @@ def global_batch_array(setup: Setup, local: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(setup.batch_sharding, local, global_shape)
 
 
+def computed(tree: Any) -> bool:
+    """Whether every array of a dispatched step's outputs has been computed (never blocks): a batch
+    taken while it has not is hidden behind that step, not data wait."""
+    return all(x.is_ready() for x in jax.tree.leaves(tree) if isinstance(x, jax.Array))
+
+
 # --------------------------------------------------------------------------------------------
 # Measures of a setup and its state.
 

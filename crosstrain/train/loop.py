@@ -40,6 +40,7 @@ from crosstrain.runtime import (
     Setup,
     abstract_train_state,
     compile_train_step,
+    computed,
     global_batch_array,
     host_tree,
     init_train_state,
@@ -102,11 +103,6 @@ def train(cfg: Config, run_dir: Path, *, started: Optional[float] = None, device
     with activate(setup.mesh):
         return Trainer(cfg, run_dir, setup, rule, started).run()
 
-
-
-def _ready(tree: Any) -> bool:
-    """Whether every array of a step's outputs has been computed (no blocking)."""
-    return all(x.is_ready() for x in jax.tree.leaves(tree) if isinstance(x, jax.Array))
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, setup: Setup, rule, started: float):
@@ -304,7 +300,7 @@ class Trainer:
             batch = global_batch_array(self.setup, host_batch)
             # The step dispatched last still running now that the batch is ready: the device never
             # waited for it (asynchronous dispatch overlapped the fetch with that step).
-            self.timer.waited(time.perf_counter() - w0, hidden=pending is not None and not _ready(pending[1]))
+            self.timer.waited(time.perf_counter() - w0, hidden=pending is not None and not computed(pending[1]))
             if self.profile.starts_at(self.step + 1):
                 self.ckpt.wait()  # no save in flight once the trace starts
             self.profile.before_step(self.step + 1, self.state)
