@@ -29,7 +29,11 @@ class StepTimer:
 
     def restart(self) -> None:
         """A new window from now (the loop starts, or restarts after a rollback)."""
-        self.window_start = self.last_done = time.perf_counter()
+        self._new_window()
+        self.last_done = self.window_start
+
+    def _new_window(self) -> None:
+        self.window_start = time.perf_counter()
         self.window_steps, self.window_wait, self.window_fetch = 0, 0.0, 0.0
 
     def waited(self, seconds: float, hidden: bool = False) -> None:
@@ -53,8 +57,7 @@ class StepTimer:
         n = max(self.window_steps, 1)
         step_time, wait, fetch = (now - self.window_start) / n, self.window_wait / n, self.window_fetch / n
         self.logged.append(step_time)
-        self.window_start = time.perf_counter()
-        self.window_steps, self.window_wait, self.window_fetch = 0, 0.0, 0.0
+        self._new_window()  # last_done stays: the next step's duration runs from its metrics read
         return step_time, wait, fetch
 
     def skip_pause(self) -> None:
