@@ -28,11 +28,21 @@ from crosstrain.planner.search import LAYOUT_FLAGS as SEARCH_LAYOUT_FLAGS, searc
 
 REQUIRED = ("id", "chip", "chips", "layers", "hidden", "heads", "ffn", "vocab", "seq_len", "metric", "value")
 METRICS = ("mfu", "tflops_per_chip_model", "tflops_per_chip_hw", "tokens_per_s_per_chip", "seqs_per_s", "step_time_s")
-REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "minimal", "dots_saveable": "minimal", "dots": "dots", "mlp": "mlp",
+REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "minimal", "dots_saveable": "minimal", "dots": "dots", "op": "op", "mlp": "mlp",
                "offload": "offload", "full": "full"}
 # Source-stated settings without a column of their own, given per run in
 # published_cases_assumptions.csv with the source's words as the basis.
-LAYOUT_FLAGS = {**{k: type(getattr(Layout(), k)) for k in SEARCH_LAYOUT_FLAGS}, "zero1": bool, "flash": bool}
+LAYOUT_FLAGS = (*SEARCH_LAYOUT_FLAGS, "zero1", "flash")
+# What each of them accepts (the words of the error) and its parser (None: not accepted).
+_BOOL = ("true or false", lambda v: {"true": True, "false": False}.get(v))
+_ELEMENT_BYTES = ("1, 2 or 4 (bytes per element)", lambda v: int(v) if v in ("1", "2", "4") else None)
+FLAG_VALUES = {
+    "keep_gathered": _BOOL, "tp_comm_overlap": _BOOL, "dp_overlap": _BOOL, "host_offload": _BOOL, "zero1": _BOOL, "flash": _BOOL,
+    "gather_bytes": _ELEMENT_BYTES, "reduce_bytes": _ELEMENT_BYTES,
+    "vocab_tiles": ("a positive integer", lambda v: int(v) if v.isdigit() and int(v) >= 1 else None),
+    "logit_bytes": ("2, 4 or 6 (bytes per logit)", lambda v: int(v) if v in ("2", "4", "6") else None),
+}
+assert set(FLAG_VALUES) == set(LAYOUT_FLAGS), "every source-stated flag says what it accepts"
 
 
 class Refused(UserError):
@@ -242,20 +252,15 @@ def prepare_case(row: dict[str, str]) -> Prepared:
         fixed["remat"] = REMAT_NAMES.get(remat, "full")
     if "zero1" in (row.get("notes") or "").lower().replace("-", ""):
         fixed["zero1"] = True
-    for key, kind in LAYOUT_FLAGS.items():
+    for key in LAYOUT_FLAGS:
         value = (row.get(key) or "").strip().lower()
         if not value:
             continue
-        if kind is bool and value in ("true", "false"):
-            fixed[key] = value == "true"
-        elif kind is int and key == "vocab_tiles" and value.isdigit() and int(value) >= 1:
-            fixed[key] = int(value)
-        elif kind is int and key != "vocab_tiles" and value in ("1", "2", "4"):
-            fixed[key] = int(value)
-        else:
-            allowed = ("true or false" if kind is bool else "a positive integer" if key == "vocab_tiles"
-                       else "1, 2 or 4 (bytes per element)")
+        allowed, parse = FLAG_VALUES[key]
+        parsed = parse(value)
+        if parsed is None:
             raise UserError(f"--cases: row {row['id']}: {key} must be {allowed}, got '{value}'")
+        fixed[key] = parsed
     if _int(row, "virtual_stages"):
         fixed["virtual_stages"] = _int(row, "virtual_stages")
     elif "interleaved" in (row.get("notes") or "").lower():

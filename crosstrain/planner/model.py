@@ -97,11 +97,11 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "tpu": Family("tpu", matmul_eff=0.90, width_half=96, overlap=0.9, tp_overlap=0.25, link_eff=0.8,
-                  causal_skip=True, attn_eff=0.6, elementwise_passes=2.0, reserved_gib=0.5, usable=0.97,
-                  hierarchical=True, fitted_scale=0.90),
+                  causal_skip=True, attn_eff=0.6, elementwise_passes=2.5, reserved_gib=0.5, usable=0.97,
+                  hierarchical=True, fitted_scale=0.92),
     "gpu": Family("gpu", matmul_eff=0.75, width_half=160, overlap=0.8, tp_overlap=0.0, link_eff=0.75,
-                  causal_skip=True, attn_eff=0.4, elementwise_passes=1.5, reserved_gib=2.0, usable=GPU_MEMORY_FRACTION,
-                  fitted_scale=0.85),
+                  causal_skip=True, attn_eff=0.4, elementwise_passes=1.0, reserved_gib=2.0, usable=GPU_MEMORY_FRACTION,
+                  fitted_scale=0.84),
     "trainium": Family("trainium", matmul_eff=0.85, width_half=128, overlap=0.7, tp_overlap=0.0, link_eff=0.7,
                        causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.95,
                        fitted_scale=0.63),
@@ -124,7 +124,7 @@ class Layout:
     # bf16 weights on every rank, their fp32 master copy and both moments sharded over the
     # data-parallel ranks (dp x cp).
     zero1: bool = False
-    remat: str = "full"  # none | selective | dots | minimal | attention | mlp | offload | full
+    remat: str = "full"  # none | selective | dots | minimal | op | attention | mlp | offload | full
     # FSDP: weights all-gathered for every microbatch's forward and backward (ZeRO-3, the
     # default), or once per step and kept gathered until the backward is done (ZeRO-2; Llama 3's
     # "FSDP that does not reshard after forward").
@@ -144,6 +144,15 @@ class Layout:
     # The output layer and its loss computed in this many vocabulary tiles (MaxText's
     # num_vocab_tiling): only one tile's logits are live at a time.
     vocab_tiles: int = 1
+    # Bytes per logit element the loss keeps at its peak, where the source's loss differs from
+    # the family's (0: 6 on GPUs and Trainium, Megatron's fp32 copy and its bf16 gradient; 2 on
+    # TPU). flash-attn's fused cross-entropy (llm-foundry's default) keeps the bf16 logits and
+    # writes a bf16 gradient: 4.
+    logit_bytes: int = 0
+    # The data-parallel gradient all-reduce overlaps the backward pass. XLA on TPU reduces the
+    # scanned layers' gradients after the backward loop unless its data-parallel all-reduce
+    # optimization is on (AXLearn's launcher sets it only for multi-slice runs).
+    dp_overlap: bool = True
 
     @property
     def devices(self) -> int:
@@ -204,19 +213,31 @@ def layer_params(m: ModelConfig, glu: bool = True) -> float:
     return param_count(m, glu=glu, part="layer")
 
 
-def recomputed_dense_fraction(m: ModelConfig, remat: str, glu: bool = True) -> float:
-    """Fraction of the layers' weight-matmul forward recomputed in the backward pass."""
-    if remat in ("full", "attention"):
-        return 1.0
+def recomputed_dense_fraction(m: ModelConfig, remat: str, glu: bool = True, *, xla: bool = False) -> float:
+    """Fraction of the layers' weight-matmul forward recomputed in the backward pass.
+
+    `xla`: the software is a JAX program (crosstrain's step, MaxText, AXLearn). jax.checkpoint
+    reruns only what the backward pass reads (its rematerialized forward is dead-code eliminated),
+    and nothing in the backward reads the MLP's down projection's output (its gradient needs the
+    input and the weight; the residual add passes the gradient through), so that matmul is never
+    rerun. PyTorch's checkpointing reruns the whole block."""
     qkv = m.hidden * (m.heads + 2 * m.kv_heads) * m.head_dim
     out = m.heads * m.head_dim * m.hidden
     mlp = (3 if glu else 2) * m.hidden * m.ffn
+    down = m.hidden * m.ffn if xla else 0.0
+    if remat in ("full", "attention"):
+        return (qkv + out + mlp - down) / (qkv + out + mlp)
     if remat == "mlp":  # the MLP is recomputed
-        return mlp / (qkv + out + mlp)
+        return (mlp - down) / (qkv + out + mlp)
+    if remat == "op":
+        # torchtitan's op-level selective checkpointing saves every second weight matmul's output
+        # (q, v, the MLP's gate and its down projection) and recomputes the others (k, the
+        # attention projection, the MLP's up; without a gate, k and the attention projection).
+        return (m.hidden * m.kv_heads * m.head_dim + out + (m.hidden * m.ffn if glu else 0)) / (qkv + out + mlp)
     if remat == "offload":
         # q, k, v come back from host memory; the attention output projection and the MLP are
         # recomputed.
-        return (out + mlp) / (qkv + out + mlp)
+        return (out + mlp - down) / (qkv + out + mlp)
     return 0.0
 
 
@@ -224,12 +245,27 @@ def recomputed_attention_fraction(remat: str, *, flash: bool, implementation: st
     """Fraction of the attention forward recomputed in the backward pass. Attention is recomputed
     under full remat and offload, and under selective (Megatron's definition: recompute the
     attention core) except in crosstrain's step with Splash, whose selective policy keeps the
-    kernel's residuals; "attention" and "dots" keep its output."""
+    kernel's residuals; "attention", "dots" and torchtitan's "op" keep its output."""
     if remat in ("full", "offload", "minimal") or (remat == "selective" and not (flash and implementation == "crosstrain")):
         return 1.0
     if remat == "mlp" and not flash:
         return 0.5  # the attention output is kept; the scores (QK^T, softmax) are not
     return 0.0
+
+
+def fp8_cast_bytes_per_token_layer(m: ModelConfig, lay: Layout, glu: bool = True) -> float:
+    """HBM bytes per token and layer that FP8 training adds beyond its GEMMs (Transformer Engine,
+    torchao's float8): every GEMM operand that is not a weight is cast to fp8 before its GEMM, in
+    the forward (the inputs of the QKV, attention-output, MLP-in and MLP-out projections) and in
+    the backward (the gradients arriving at each of them), and each cast also writes the
+    transposed copy the other GEMM of the pair reads. Per element: current (per-tensor) scaling's
+    amax pass reads the bf16 tensor (2 bytes), the cast reads it again and writes fp8 twice
+    (2 + 1 + 1)."""
+    h_div = lay.tp if (lay.sequence_parallel and lay.tp > 1) else 1
+    forward = 2 * m.hidden / h_div + m.heads * m.head_dim / lay.tp + m.ffn / lay.tp
+    backward = ((m.heads + 2 * m.kv_heads) * m.head_dim / lay.tp + 2 * m.hidden / h_div
+                + (2 if glu else 1) * m.ffn / lay.tp)
+    return (forward + backward) * (BF16 + BF16 + 1 + 1)
 
 
 def elementwise_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool, glu: bool = True,
@@ -241,6 +277,8 @@ def elementwise_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: boo
     h_div = lay.tp if (lay.sequence_parallel and lay.tp > 1) else 1
     base = BF16 * 3 * (10 * m.hidden / h_div + 10 * (m.heads + 2 * m.kv_heads) * m.head_dim / lay.tp
                        + (4 if glu else 2) * m.ffn / lay.tp)
+    # What a policy reruns of the elementwise chain: JAX skips the down projection's matmul, not
+    # the SwiGLU product that is its input, so the chain is counted as PyTorch reruns it.
     base *= (1.0 + recomputed_dense_fraction(m, lay.remat, glu) / 3.0) * passes
     if flash:
         return base
@@ -394,6 +432,11 @@ def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool
         # MaxText's "minimal": the same tensors; the attention kernel (no weight matmul) is rerun.
         "minimal": dots,
         "attention": layer_input + attn_saved,
+        # torchtitan's op-level selective checkpointing (the block's input; every second weight
+        # matmul's output: q, v, the MLP's gate and down projection; the flash kernel's output
+        # and log-sum-exp).
+        "op": (layer_input + BF16 * (m.heads + m.kv_heads) * hd / tp + attn_saved
+               + BF16 * m.ffn / tp + (BF16 * m.hidden / h_div if glu else 0.0)),
         # AXLearn's default (save_only_these_names of the attention's q, k, v, context and
         # output projection): the MLP and the norms are recomputed.
         "mlp": layer_input + BF16 * ((2 * m.heads + 2 * m.kv_heads) * hd / tp + m.hidden / h_div),
@@ -431,7 +474,10 @@ def estimate(
     model_flops = flops_per_token(m, attention=CROSSTRAIN_CONVENTION, glu=glu) * tokens_step
     dense_fwd = 2.0 * (matmul_params(m, glu=glu) - m.hidden * m.vocab)  # per token, all layers
     attn_fwd = attention_flops_per_token(m, attention=executed_attn)
-    recompute_dense = recomputed_dense_fraction(m, lay.remat, glu)
+    # JAX programs: crosstrain's own step everywhere, and published software on TPU (MaxText,
+    # AXLearn, PaLM's); published GPU and Trainium software is PyTorch.
+    xla = implementation == "crosstrain" or chip.family == "tpu"
+    recompute_dense = recomputed_dense_fraction(m, lay.remat, glu, xla=xla)
     # forward, backward (2x), recomputed forward
     dense_per_token = (3.0 + recompute_dense) * dense_fwd
     recompute_attn = recomputed_attention_fraction(lay.remat, flash=flash, implementation=implementation)
@@ -473,6 +519,8 @@ def estimate(
               else fam.elementwise_passes)
     elem_per_token_layer = elementwise_bytes_per_token_layer(m, lay, flash=flash, glu=glu, passes=passes,
                                                              implementation=implementation)
+    if compute_dtype == "fp8":
+        elem_per_token_layer += fp8_cast_bytes_per_token_layer(m, lay, glu)
     tokens_device = tokens_step / (lay.ranks * lay.cp)
     layers_stage = m.layers / lay.pp
     params_total = total_params(m, glu)
@@ -531,8 +579,13 @@ def estimate(
     # With the software's TP overlap on, TP traffic hides like FSDP's (async beside the matmuls).
     exposed_tp = t_tp * (1 - (max(fam.tp_overlap, fam.overlap) if lay.tp_comm_overlap else fam.tp_overlap))
     exposed_cp = t_cp * (1 - fam.overlap)
-    overlappable = t_fsdp + t_dp
+    # The data-parallel all-reduce hides behind the backward pass only where the software lets it
+    # start before the backward ends (NCCL's bucketed all-reduce, XLA on TPU with its data-parallel
+    # all-reduce optimization); otherwise it waits for the last layer's gradients, all of it exposed.
+    overlappable = t_fsdp + (t_dp if lay.dp_overlap else 0.0)
     exposed_sharding = max(overlappable - fam.overlap * t_compute, (1 - fam.overlap) * overlappable)
+    if not lay.dp_overlap:
+        exposed_sharding += t_dp
     busy = t_compute + t_memory + exposed_tp + exposed_cp
     step = busy * (1 + bubble) + exposed_sharding
 
@@ -564,14 +617,18 @@ def estimate(
     # and its gradient into the output matmuls and keeps only the bf16 logits (measured on
     # crosstrain's step: ProgramMemory.logit_bytes; MaxText's and AXLearn's losses are the same
     # jnp program). In vocabulary tiles, one tile's logits at a time.
-    published_logit_bytes = CROSSTRAIN_PROGRAM["tpu"].logit_bytes if chip.family == "tpu" else FP32 + BF16
+    published_logit_bytes = lay.logit_bytes or (
+        CROSSTRAIN_PROGRAM["tpu"].logit_bytes if chip.family == "tpu" else FP32 + BF16)
     logits = micro_tokens * m.vocab / lay.tp / lay.vocab_tiles * (
         program.logit_bytes if program else FP32 if implementation == "crosstrain" else published_logit_bytes)
     gathered = 0.0
     if lay.fsdp > 1:
         # Two layers' weights in flight (the one computing, the next arriving), or the whole
         # stage kept gathered.
-        gathered = (layers_stage if lay.keep_gathered else 2) * layer_params(m, glu) / lay.tp * lay.gather_bytes
+        in_flight_layers = 2
+        if implementation != "crosstrain" and chip.family == "tpu":
+            in_flight_layers = 1
+        gathered = (layers_stage if lay.keep_gathered else in_flight_layers) * layer_params(m, glu) / lay.tp * lay.gather_bytes
     accumulation = 0.0
     if program is not None:
         # The compiled program's gradient-sized fp32 buffers: the gradients and the scan's reduced
