@@ -1,4 +1,5 @@
-"""Test set-up: 8 forced CPU devices (before JAX is imported), an isolated cache, no hub access."""
+"""Test set-up: 8 forced CPU devices (before JAX is imported), an isolated cache, no hub access,
+libtpu shared by the parallel workers."""
 
 import os
 import sys
@@ -10,6 +11,9 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# pytest-xdist's workers (make test runs two) compile for TPU topologies at the same time; libtpu's
+# lockfile guards TPU chips, and these tests use none (deviceless compiles on the CPU platform).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # noqa: E402
 
