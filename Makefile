@@ -27,10 +27,10 @@ demo: install
 	$(VENV)/bin/crosstrain generate --run-dir runs/demo --prompt "def " --max-new-tokens 80 --temperature 0.8 --top-k 40
 
 test: install-dev
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal --durations=15
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --durations=15
 
 test-fast: install-dev
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal -m "not slow"
+	$(PY) -m pytest -q -n auto --maxprocesses 4 -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache
