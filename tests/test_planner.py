@@ -327,6 +327,26 @@ def test_fsdp_across_tpu_slices_is_hierarchical():
     assert one_flat.time["fsdp_comm_s"] == pytest.approx(one.time["fsdp_comm_s"])
 
 
+def test_fsdp_across_gpu_nodes_splits_over_the_nodes_nics():
+    """NCCL runs a ring per NIC, so FSDP over 8 H100 nodes moves only the other nodes' shards over
+    the network, spread over each node's eight NICs; a flat ring at one NIC's rate would cost the
+    70B step several times more communication."""
+    import dataclasses
+
+    m = _afm_like(layers=80, hidden=8192, heads=64, ffn=28672, vocab=32000, seq_len=4096)
+    chip = get_chip("h100-sxm")
+    lay = Layout(fsdp=64, microbatch=2, remat="full")
+    hier = estimate(m, chip, lay, global_batch=128)
+    flat = estimate(m, chip, lay, global_batch=128, family=dataclasses.replace(FAMILIES["gpu"], hierarchical=False))
+    assert FAMILIES["gpu"].hierarchical
+    assert flat.time["fsdp_comm_s"] > 4 * hier.time["fsdp_comm_s"]
+    assert flat.step_time_s > 1.3 * hier.step_time_s
+    # Inside one node (NVLink) the two collective models agree.
+    node = Layout(fsdp=8, microbatch=2, remat="full")
+    assert estimate(m, chip, node, global_batch=16).time["fsdp_comm_s"] == pytest.approx(
+        estimate(m, chip, node, global_batch=16, family=dataclasses.replace(FAMILIES["gpu"], hierarchical=False)).time["fsdp_comm_s"])
+
+
 def test_source_stated_settings_change_what_they_should():
     m = _afm_like()
     h100 = get_chip("h100-sxm")

@@ -83,10 +83,11 @@ class Family:
     # Memory the runtime keeps for itself per device (GiB), and the fraction of HBM usable.
     reserved_gib: float
     usable: float
-    # Collectives over a group that spans several fast domains (TPU slices joined by DCN) run
-    # hierarchically: only each device's share crosses the slow link (XLA decomposes multi-slice
-    # collectives into ICI and DCN phases). False: a flat ring whose every hop may be the slow
-    # link (NCCL across nodes, each GPU with its own NIC).
+    # Collectives over a group that spans several fast domains run hierarchically: only each
+    # device's share crosses the slow link. TPU: XLA decomposes multi-slice collectives into ICI
+    # and DCN phases. GPU: NCCL runs one ring (channel) per NIC, each carrying its share of the
+    # buffer, so a node's cross-node traffic is split over all its NICs and each ring's other
+    # hops ride NVLink. False: a flat ring whose every hop may be the slow link.
     hierarchical: bool = False
     # FITTED: the fraction of the modelled compute rate (matmul and attention efficiency above)
     # that published training software reaches, fitted with elementwise_passes to the published
@@ -100,8 +101,8 @@ FAMILIES: dict[str, Family] = {
                   causal_skip=True, attn_eff=0.6, elementwise_passes=2.5, reserved_gib=0.5, usable=0.97,
                   hierarchical=True, fitted_scale=0.92),
     "gpu": Family("gpu", matmul_eff=0.75, width_half=160, overlap=0.8, tp_overlap=0.0, link_eff=0.75,
-                  causal_skip=True, attn_eff=0.4, elementwise_passes=1.0, reserved_gib=2.0, usable=GPU_MEMORY_FRACTION,
-                  fitted_scale=0.84),
+                  causal_skip=True, attn_eff=0.4, elementwise_passes=1.5, reserved_gib=2.0, usable=GPU_MEMORY_FRACTION,
+                  hierarchical=True, fitted_scale=0.84),
     "trainium": Family("trainium", matmul_eff=0.85, width_half=128, overlap=0.7, tp_overlap=0.0, link_eff=0.7,
                        causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.95,
                        fitted_scale=0.63),
