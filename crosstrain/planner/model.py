@@ -102,7 +102,7 @@ FAMILIES: dict[str, Family] = {
                   hierarchical=True, fitted_scale=0.92),
     "gpu": Family("gpu", matmul_eff=0.75, width_half=160, overlap=0.8, tp_overlap=0.0, link_eff=0.75,
                   causal_skip=True, attn_eff=0.4, elementwise_passes=1.5, reserved_gib=2.0, usable=GPU_MEMORY_FRACTION,
-                  hierarchical=True, fitted_scale=0.82),
+                  hierarchical=True, fitted_scale=0.81),
     "trainium": Family("trainium", matmul_eff=0.85, width_half=128, overlap=0.7, tp_overlap=0.0, link_eff=0.7,
                        causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.95,
                        fitted_scale=0.63),
