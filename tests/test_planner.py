@@ -518,6 +518,52 @@ def test_bad_source_setting_in_cases_file(tmp_path, capsys):
     assert "logit_bytes must be 2, 4 or 6" in err and err.count("\n") == 1
 
 
+def test_cluster_network_framework_and_state_dtype_settings(tmp_path, capsys):
+    """Round two's fourth pass: what a source states about its cluster's network, its framework
+    and the dtype of its weights and optimizer moves what it names, and bad values are one-line
+    errors."""
+    m = _afm_like()
+    h100, trn1 = get_chip("h100-sxm"), get_chip("trn1")
+    lay = Layout(fsdp=64, microbatch=2, remat="full")
+    plain = estimate(m, h100, lay, global_batch=128)
+    # bf16 weights and Adam moments (MaxText's weight_dtype, Neuron's XLA_USE_BF16): half the
+    # bytes of both, and less optimizer traffic.
+    bf16 = estimate(m, h100, Layout(**{**lay.__dict__, "state_bytes": 2}), global_batch=128)
+    assert bf16.memory["params"] == pytest.approx(plain.memory["params"] / 2)
+    assert bf16.memory["optimizer"] == pytest.approx(plain.memory["optimizer"] / 2)
+    assert bf16.time["memory_bound_s"] < plain.time["memory_bound_s"]
+    # Without sequence parallelism the tensor-parallel ranks each keep the whole residual stream.
+    tp = Layout(tp=8, dp=4, microbatch=1, remat="none")
+    sp = estimate(m, trn1, tp, global_batch=32)
+    no_sp = estimate(m, trn1, Layout(**{**tp.__dict__, "sequence_parallel": False}), global_batch=32)
+    assert no_sp.memory["activations"] > sp.memory["activations"]
+    # A JAX program on a GPU (Pax) never reruns the MLP's down projection under full remat.
+    jax = estimate(m, h100, lay, global_batch=128, framework="jax")
+    assert jax.hardware_flops_per_step < plain.hardware_flops_per_step
+    # The rows: a thinner network per node slows a cross-node FSDP run.
+    text = shipped_cases_path().read_text().splitlines()
+    row = next(line for line in text if line.startswith("ibm-fsdp-llama2-70b-a100-128,"))
+    path = tmp_path / "c.csv"
+
+    def run(extra_header: str = "", extra: str = "") -> dict:
+        path.write_text(text[0] + extra_header + "\n" + row + extra + "\n")
+        assert main(["plan", "--cases", str(path), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["cases"][0]
+
+    stated = run()  # the blog's 400 Gb/s per node (published_cases_assumptions.csv)
+    wide = run(",network_gbit_per_node", ",3200")
+    assert wide["predicted"] > stated["predicted"]
+    assert any("400 Gb/s of scale-out network" in a for a in stated["assumed"])
+    for header, value, words in ((",network_gbit_per_node", ",fast", "network_gbit_per_node must be a positive"),
+                                 (",framework", ",tensorflow", "framework must be jax or pytorch"),
+                                 (",state_bytes", ",1", "state_bytes must be 2 or 4"),
+                                 (",sequence_parallel", ",maybe", "sequence_parallel must be true or false")):
+        path.write_text(text[0] + header + "\n" + row + value + "\n")
+        assert main(["plan", "--cases", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1
+
+
 def test_each_weight_matmul_is_judged_by_its_own_shape():
     """Under wide tensor parallelism the attention projections get narrow (heads x head_dim / tp)
     while the MLP stays wide: the layer's efficiency lies between the two, weighted by FLOPs, not

@@ -32,7 +32,7 @@ REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "minimal", "
                "offload": "offload", "full": "full"}
 # Source-stated settings without a column of their own, given per run in
 # published_cases_assumptions.csv with the source's words as the basis.
-LAYOUT_FLAGS = (*SEARCH_LAYOUT_FLAGS, "zero1", "flash")
+LAYOUT_FLAGS = (*SEARCH_LAYOUT_FLAGS, "zero1", "flash", "sequence_parallel")
 # What each of them accepts (the words of the error) and its parser (None: not accepted).
 _BOOL = ("true or false", lambda v: {"true": True, "false": False}.get(v))
 _ELEMENT_BYTES = ("1, 2 or 4 (bytes per element)", lambda v: int(v) if v in ("1", "2", "4") else None)
@@ -41,6 +41,8 @@ FLAG_VALUES = {
     "gather_bytes": _ELEMENT_BYTES, "reduce_bytes": _ELEMENT_BYTES,
     "vocab_tiles": ("a positive integer", lambda v: int(v) if v.isdigit() and int(v) >= 1 else None),
     "logit_bytes": ("2, 4 or 6 (bytes per logit)", lambda v: int(v) if v in ("2", "4", "6") else None),
+    "state_bytes": ("2 or 4 (bytes per weight and per Adam moment)", lambda v: int(v) if v in ("2", "4") else None),
+    "sequence_parallel": _BOOL,
 }
 assert set(FLAG_VALUES) == set(LAYOUT_FLAGS), "every source-stated flag says what it accepts"
 
@@ -96,6 +98,7 @@ class Prepared:
     layout: Layout
     assumed: list[str]
     flash: Optional[bool] = None  # None: the family's attention kernel
+    framework: Optional[str] = None  # "jax" | "pytorch"; None: the family's usual (JAX on TPU)
 
     @property
     def group(self) -> str:
@@ -111,7 +114,8 @@ class Prepared:
         if fitted is not None and self.chip.family in fitted:
             fam = dataclasses.replace(fam, **fitted[self.chip.family])
         return estimate(self.m, self.chip, self.layout, global_batch=self.batch, glu=self.glu, family=fam,
-                        compute_dtype=self.compute_dtype, power_cap_w=self.power_cap, flash=self.flash)
+                        compute_dtype=self.compute_dtype, power_cap_w=self.power_cap, flash=self.flash,
+                        framework=self.framework)
 
     def predict(self, fitted: Optional[dict[str, dict[str, float]]] = None) -> float:
         return metric_value(self.row["metric"], self.estimate(fitted), self.m, self.chip, self.chips, self.batch,
@@ -226,6 +230,22 @@ def prepare_case(row: dict[str, str]) -> Prepared:
             raise UserError(f"--cases: row {row['id']}: hbm_gb must be a positive number of GB, got '{hbm}'")
         chip = dataclasses.replace(chip, hbm_gib=gb * 1e9 / 2**30)
         assumed.append(f"{gb:g} GB of memory per chip (the source's variant of {chip.name})")
+    network = (row.get("network_gbit_per_node") or "").strip()
+    if network:
+        # The cluster's scale-out network where the source states it (per node, as sources give
+        # it), in place of the catalogue's (one 400 Gb/s NIC per H100, 200 Gb/s per A100).
+        try:
+            gbit = float(network)
+        except ValueError:
+            gbit = -1.0
+        if not gbit > 0 or chip.family not in ("gpu", "trainium"):
+            raise UserError(f"--cases: row {row['id']}: network_gbit_per_node must be a positive number of Gb/s "
+                            f"per node of a GPU or Trainium cluster, got '{network}'")
+        chip = dataclasses.replace(chip, scaleout_gbps=gbit / 8 / chip.link_domain)
+        assumed.append(f"{gbit:g} Gb/s of scale-out network per {chip.link_domain}-chip node (the source's cluster)")
+    framework = (row.get("framework") or "").strip().lower() or None
+    if framework not in (None, "jax", "pytorch"):
+        raise UserError(f"--cases: row {row['id']}: framework must be jax or pytorch, got '{framework}'")
     chips = int(row["chips"])
     unit_per_chip = chip.devices_per_chip
     devices = chips * unit_per_chip
@@ -284,7 +304,7 @@ def prepare_case(row: dict[str, str]) -> Prepared:
     compute_dtype = "fp8" if precision == "fp8" and chip.peak_flops("fp8") else "bfloat16"
     flash = fixed.pop("flash", None)
     est, _ = search(m, chip, devices, batch, fixed=fixed, glu=glu, require_fit=False, power_cap_w=power_cap,
-                    compute_dtype=compute_dtype, flash=flash)
+                    compute_dtype=compute_dtype, flash=flash, framework=framework)
     if est is not None and not est.fits:
         assumed.append(f"memory: the planner estimates {est.memory_per_device_gib:.0f} GiB per device, over "
                        f"the catalog's {est.capacity_gib:.0f} GiB for {chip.name}")
@@ -297,7 +317,7 @@ def prepare_case(row: dict[str, str]) -> Prepared:
     if not remat:
         assumed.append(f"remat={est.layout.remat} (searched)")
     return Prepared(row=row, m=m, chip=chip, chips=chips, batch=batch, glu=glu, compute_dtype=compute_dtype,
-                    power_cap=power_cap, layout=est.layout, assumed=assumed, flash=flash)
+                    power_cap=power_cap, layout=est.layout, assumed=assumed, flash=flash, framework=framework)
 
 
 def metric_value(metric: str, est: Estimate, m: ModelConfig, chip, chips: int, batch: int, row: dict, glu: bool) -> float:

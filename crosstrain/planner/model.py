@@ -101,8 +101,8 @@ FAMILIES: dict[str, Family] = {
                   causal_skip=True, attn_eff=0.6, elementwise_passes=2.5, reserved_gib=0.5, usable=0.97,
                   hierarchical=True, fitted_scale=0.92),
     "gpu": Family("gpu", matmul_eff=0.75, width_half=160, overlap=0.8, tp_overlap=0.0, link_eff=0.75,
-                  causal_skip=True, attn_eff=0.4, elementwise_passes=1.5, reserved_gib=2.0, usable=GPU_MEMORY_FRACTION,
-                  hierarchical=True, fitted_scale=0.81),
+                  causal_skip=True, attn_eff=0.4, elementwise_passes=2.0, reserved_gib=2.0, usable=GPU_MEMORY_FRACTION,
+                  hierarchical=True, fitted_scale=0.85),
     "trainium": Family("trainium", matmul_eff=0.85, width_half=128, overlap=0.7, tp_overlap=0.0, link_eff=0.7,
                        causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.95,
                        fitted_scale=0.63),
@@ -136,6 +136,11 @@ class Layout:
     # Bytes per gradient element in FSDP's reduce-scatter and DP's all-reduce: 4 (fp32), 2 where
     # the software reduces in bf16 (Composer's "PURE" FSDP mixed precision).
     reduce_bytes: int = FP32
+    # Bytes per element of the stored weights and of each of Adam's two moments: 4 (an fp32
+    # master copy and fp32 moments, mixed precision's usual), 2 where the source keeps them in
+    # bf16 (MaxText's weight_dtype=bfloat16, whose moments follow the weights; Neuron's
+    # XLA_USE_BF16 with a plain optimizer and no master copy).
+    state_bytes: int = FP32
     # The software overlaps tensor-parallel collectives with the matmuls (Megatron-core's
     # --tp-comm-overlap, XLA's collective matmul): a source-stated setting, not a fitted one.
     tp_comm_overlap: bool = False
@@ -462,6 +467,7 @@ def estimate(
     power_cap_w: Optional[float] = None,
     implementation: str = "efficient",
     slice_chips: Optional[int] = None,
+    framework: Optional[str] = None,
 ) -> Estimate:
     fam = family or FAMILIES[chip.family]
     flash = fam.causal_skip if flash is None else flash
@@ -477,7 +483,9 @@ def estimate(
     attn_fwd = attention_flops_per_token(m, attention=executed_attn)
     # JAX programs: crosstrain's own step everywhere, and published software on TPU (MaxText,
     # AXLearn, PaLM's); published GPU and Trainium software is PyTorch.
-    xla = implementation == "crosstrain" or chip.family == "tpu"
+    # Published software is a JAX program on TPU (MaxText, AXLearn, PaLM's) and a PyTorch one
+    # elsewhere unless the source says otherwise (`framework`: AXLearn on Trainium, Pax on GPU).
+    xla = implementation == "crosstrain" or (framework == "jax" if framework else chip.family == "tpu")
     recompute_dense = recomputed_dense_fraction(m, lay.remat, glu, xla=xla)
     # forward, backward (2x), recomputed forward
     dense_per_token = (3.0 + recompute_dense) * dense_fwd
@@ -526,7 +534,8 @@ def estimate(
     layers_stage = m.layers / lay.pp
     params_total = total_params(m, glu)
     shard = lay.tp * lay.pp * lay.fsdp
-    opt_bytes = params_total / shard * 32  # read params, grads, two moments; write three; bf16 copy
+    # read params, grads, two moments; write three; a bf16 copy (all in fp32 state: 32 bytes)
+    opt_bytes = params_total / shard * (7 * lay.state_bytes + 4)
     hbm = chip.hbm_gbps * 1e9 / chip.devices_per_chip
     t_memory = (elem_per_token_layer * layers_stage * tokens_device + opt_bytes) / hbm
 
@@ -591,16 +600,16 @@ def estimate(
     step = busy * (1 + bubble) + exposed_sharding
 
     # ---- memory -----------------------------------------------------------------------------
-    params_b = params_total / shard * FP32
     # The gradient buffer is kept in the dtype it is reduced in (Megatron's grad_reduce_in_fp32,
     # Apex's grad_sync_dtype, Composer's PURE mixed precision); crosstrain's own is fp32.
     grads_b = params_total / shard * (FP32 if implementation == "crosstrain" else lay.reduce_bytes)
-    opt_b = params_total / shard * 2 * FP32
+    params_b = params_total / shard * lay.state_bytes
+    opt_b = params_total / shard * 2 * lay.state_bytes
     if lay.zero1:
         # The weights on every rank in the dtype they are gathered in (bf16, or fp8 with
         # Megatron's fp8_param_gather); the fp32 master copy and both moments over dp x cp.
         params_b = params_total / shard * lay.gather_bytes
-        opt_b = params_total / shard * 3 * FP32 / (lay.dp * lay.cp)
+        opt_b = params_total / shard * 3 * lay.state_bytes / (lay.dp * lay.cp)
     # crosstrain's own flash kernel is the platform's: Splash on TPU, cuDNN on NVIDIA GPUs, each
     # with what XLA's program for that platform keeps (ProgramMemory).
     program = (CROSSTRAIN_PROGRAM.get("gpu" if chip.family == "gpu" else "tpu")

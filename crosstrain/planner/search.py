@@ -11,7 +11,8 @@ from crosstrain.planner.model import Estimate, Layout, estimate
 
 REMATS = ("none", "selective", "full")
 # Source-stated layout settings that candidate layouts carry through unchanged.
-LAYOUT_FLAGS = ("keep_gathered", "gather_bytes", "reduce_bytes", "tp_comm_overlap", "host_offload", "vocab_tiles", "logit_bytes", "dp_overlap")
+LAYOUT_FLAGS = ("keep_gathered", "gather_bytes", "reduce_bytes", "tp_comm_overlap", "host_offload", "vocab_tiles", "logit_bytes", "dp_overlap",
+                "state_bytes")
 # crosstrain's own step also has the "attention" policy (model/transformer.py).
 CROSSTRAIN_REMATS = ("none", "selective", "attention", "full")
 
@@ -100,12 +101,14 @@ def search(
     power_cap_w: Optional[float] = None,
     implementation: str = "efficient",
     slice_chips: Optional[int] = None,
+    framework: Optional[str] = None,
 ) -> tuple[Optional[Estimate], int]:
     """(fastest fitting estimate or None, number of layouts tried). With require_fit=False the
     fastest layout is returned even if none fits (fitting ones are still preferred).
 
     implementation="crosstrain" searches the layouts crosstrain's trainer runs (no pipeline or
-    context parallelism, no sequence parallelism) priced as its own step."""
+    context parallelism, no sequence parallelism) priced as its own step. `framework` ("jax" or
+    "pytorch") names published software's framework where it is not the family's usual one."""
     fixed = crosstrain_fixed(fixed, m) if implementation == "crosstrain" else fixed
     best: Optional[Estimate] = None
     best_any: Optional[Estimate] = None
@@ -114,7 +117,8 @@ def search(
     for lay in candidate_layouts(m, chip, devices, global_batch, fixed, remats):
         tried += 1
         est = estimate(m, chip, lay, global_batch=global_batch, glu=glu, compute_dtype=compute_dtype, flash=flash,
-                       power_cap_w=power_cap_w, implementation=implementation, slice_chips=slice_chips)
+                       power_cap_w=power_cap_w, implementation=implementation, slice_chips=slice_chips,
+                       framework=framework)
         if best_any is None or est.step_time_s < best_any.step_time_s:
             best_any = est
         if est.fits and (best is None or est.step_time_s < best.step_time_s):
