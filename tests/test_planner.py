@@ -642,28 +642,29 @@ def test_elementwise_traffic_counted_from_optimized_hlo():
     assert elementwise_bytes(hlo) == loop + reduce + copy
 
 
-def test_crosstrain_tpu_plans_use_the_passes_measured_from_its_hlo():
-    """crosstrain's own TPU step is priced with the elementwise passes measured from its compiled
-    HLO; published software (and other chips) keep the family's fitted passes."""
+def test_crosstrain_tpu_and_gpu_plans_use_the_passes_measured_from_their_hlo():
+    """crosstrain's own TPU and GPU steps are priced with the elementwise passes measured from
+    their compiled HLO; published software (and Trainium) keep the family's fitted passes."""
     import dataclasses
 
-    from crosstrain.planner.model import CROSSTRAIN_TPU_ELEMENTWISE_PASSES
+    from crosstrain.planner.model import CROSSTRAIN_GPU_ELEMENTWISE_PASSES, CROSSTRAIN_TPU_ELEMENTWISE_PASSES
 
     m = _afm_like(layers=4)
-    chip = get_chip("tpu-v5p")
-    passes = CROSSTRAIN_TPU_ELEMENTWISE_PASSES
-    for remat in ("none", "selective", "full"):
-        lay = Layout(fsdp=8, microbatch=1, remat=remat, sequence_parallel=False)
-        own = estimate(m, chip, lay, global_batch=8, flash=True, implementation="crosstrain")
-        as_measured = estimate(m, chip, lay, global_batch=8, flash=True,
-                               family=dataclasses.replace(FAMILIES["tpu"], elementwise_passes=passes))
-        published = estimate(m, chip, lay, global_batch=8, flash=True)
-        assert own.time["memory_bound_s"] == pytest.approx(as_measured.time["memory_bound_s"])
-        assert (own.time["memory_bound_s"] < published.time["memory_bound_s"]) == (passes < FAMILIES["tpu"].elementwise_passes)
-    gpu = get_chip("h100-sxm")
-    lay = Layout(fsdp=8, microbatch=1, remat="none", sequence_parallel=False)
-    assert estimate(m, gpu, lay, global_batch=8, flash=True, implementation="crosstrain").time["memory_bound_s"] == \
-        pytest.approx(estimate(m, gpu, lay, global_batch=8, flash=True).time["memory_bound_s"])
+    for chip, family, passes in ((get_chip("tpu-v5p"), "tpu", CROSSTRAIN_TPU_ELEMENTWISE_PASSES),
+                                 (get_chip("h100-sxm"), "gpu", CROSSTRAIN_GPU_ELEMENTWISE_PASSES)):
+        assert passes != FAMILIES[family].elementwise_passes
+        for remat in ("none", "selective", "full"):
+            lay = Layout(fsdp=8, microbatch=1, remat=remat, sequence_parallel=False)
+            own = estimate(m, chip, lay, global_batch=8, flash=True, implementation="crosstrain")
+            as_measured = estimate(m, chip, lay, global_batch=8, flash=True,
+                                   family=dataclasses.replace(FAMILIES[family], elementwise_passes=passes))
+            published = estimate(m, chip, lay, global_batch=8, flash=True)
+            assert own.time["memory_bound_s"] == pytest.approx(as_measured.time["memory_bound_s"])
+            assert (own.time["memory_bound_s"] < published.time["memory_bound_s"]) == (passes < FAMILIES[family].elementwise_passes)
+    trn2 = get_chip("trn2")
+    lay = Layout(tp=4, fsdp=8, microbatch=1, remat="none", sequence_parallel=False)
+    assert estimate(m, trn2, lay, global_batch=8, flash=True, implementation="crosstrain").time["memory_bound_s"] == \
+        pytest.approx(estimate(m, trn2, lay, global_batch=8, flash=True).time["memory_bound_s"])
 
 
 def test_a_row_that_cannot_be_laid_out_is_reported_not_fatal(tmp_path, capsys):

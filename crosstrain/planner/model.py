@@ -316,6 +316,10 @@ CROSSTRAIN_SCORE_BYTES = 6.3
 # nine programs (v4/v5e/v5p/v6e, 8-1024 chips, four policies): 1.07, six of them within
 # 1.00-1.15; the 8-chip plan 1.30, tp=4 1.25, the two-slice v4 program 2.01 (docs/planner.md).
 CROSSTRAIN_TPU_ELEMENTWISE_PASSES = 1.07
+# The same measured on crosstrain's GPU programs (CUDA's deviceless compile): 0.84, 0.90, 0.84,
+# 0.87, 0.86 for the AOT sweep's five H100/H200/B200 programs; their median. crosstrain's own GPU
+# step is priced with it, not with the fitted passes of published GPU software (PyTorch's).
+CROSSTRAIN_GPU_ELEMENTWISE_PASSES = 0.86
 
 
 @dataclass(frozen=True)
@@ -522,9 +526,10 @@ def estimate(
     )
 
     # ---- memory-bound work ------------------------------------------------------------------
-    # crosstrain's own TPU program: the passes XLA's compiled HLO makes (measured, below);
+    # crosstrain's own TPU and GPU programs: the passes XLA's compiled HLO makes (measured, below);
     # everything else: the family's fitted passes of published software.
-    passes = (CROSSTRAIN_TPU_ELEMENTWISE_PASSES if implementation == "crosstrain" and chip.family == "tpu"
+    measured = {"tpu": CROSSTRAIN_TPU_ELEMENTWISE_PASSES, "gpu": CROSSTRAIN_GPU_ELEMENTWISE_PASSES}
+    passes = (measured[chip.family] if implementation == "crosstrain" and chip.family in measured
               else fam.elementwise_passes)
     elem_per_token_layer = elementwise_bytes_per_token_layer(m, lay, flash=flash, glu=glu, passes=passes,
                                                              implementation=implementation)
