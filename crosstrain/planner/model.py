@@ -485,10 +485,9 @@ def estimate(
     model_flops = flops_per_token(m, attention=CROSSTRAIN_CONVENTION, glu=glu) * tokens_step
     dense_fwd = 2.0 * (matmul_params(m, glu=glu) - m.hidden * m.vocab)  # per token, all layers
     attn_fwd = attention_flops_per_token(m, attention=executed_attn)
-    # JAX programs: crosstrain's own step everywhere, and published software on TPU (MaxText,
-    # AXLearn, PaLM's); published GPU and Trainium software is PyTorch.
-    # Published software is a JAX program on TPU (MaxText, AXLearn, PaLM's) and a PyTorch one
-    # elsewhere unless the source says otherwise (`framework`: AXLearn on Trainium, Pax on GPU).
+    # JAX programs: crosstrain's own step everywhere; published software on TPU (MaxText,
+    # AXLearn, PaLM's) and wherever its source says so (`framework`: AXLearn on Trainium, Pax on
+    # GPU). Other published GPU and Trainium software is PyTorch.
     xla = implementation == "crosstrain" or (framework == "jax" if framework else chip.family == "tpu")
     recompute_dense = recomputed_dense_fraction(m, lay.remat, glu, xla=xla)
     # forward, backward (2x), recomputed forward
