@@ -106,22 +106,23 @@ CATALOG: dict[str, Chip] = {
             },
         ),
         Chip(
-            "tpu-v5p", "Google Cloud TPU v5p", (r"^TPU v5p?$", r"^TPU v5p"), {"bf16": 459.0},
+            "tpu-v5p", "Google Cloud TPU v5p", (r"^TPU v5p?$", r"^TPU v5p"), {"bf16": 459.0, "int8": 918.0},
             hbm_gib=95, hbm_gbps=2765, link_gbps=600, link_domain=8960, scaleout_gbps=6.25,
             power_w=400, price_per_hour=4.20, family="tpu",
             sources={
-                "compute": "cloud.google.com/tpu/docs/v5p: 459 TFLOPS bf16, 95 GiB HBM2e at 2765 GBps",
+                "compute": "cloud.google.com/tpu/docs/v5p: 459 TFLOPS bf16, 95 GiB HBM2e at 2765 GBps; int8: 918 TOPS "
+                           "(Google Cloud's v5p announcement, 2023-12-06: '459 teraFLOPS of bfloat16 ... or 918 teraOPs of Int8')",
                 "links": "same page: 1200 GBps bidirectional ICI per chip (4800 Gbps), 8960-chip pod; DCN 50 Gbps per chip",
                 "power": "not published by Google: estimate",
                 "price": _TPU_PRICES + ": $4.20",
             },
         ),
         Chip(
-            "tpu-v6e", "Google Cloud TPU v6e (Trillium)", (r"^TPU v6 ?lite", r"^TPU v6e"), {"bf16": 918.0},
+            "tpu-v6e", "Google Cloud TPU v6e (Trillium)", (r"^TPU v6 ?lite", r"^TPU v6e"), {"bf16": 918.0, "int8": 1836.0},
             hbm_gib=32e9 / GIB, hbm_gbps=1638, link_gbps=400, link_domain=256, scaleout_gbps=12.5,
             power_w=300, price_per_hour=2.70, family="tpu", mxu=256,
             sources={
-                "compute": "cloud.google.com/tpu/docs/v6e: 918 TFLOPS bf16, 32 GB HBM at 1638 GBps",
+                "compute": "cloud.google.com/tpu/docs/v6e: 918 TFLOPS bf16, 1836 TOPS int8, 32 GB HBM at 1638 GBps",
                 "links": "same page: 800 GBps bidirectional ICI per chip, 256-chip pod; DCN: estimate (100 Gbps per chip)",
                 "power": "not published by Google: estimate (Google states 67% better energy efficiency than v5e)",
                 "price": _TPU_PRICES + ": $2.70",

@@ -99,6 +99,7 @@ class Prepared:
     assumed: list[str]
     flash: Optional[bool] = None  # None: the family's attention kernel
     framework: Optional[str] = None  # "jax" | "pytorch"; None: the family's usual (JAX on TPU)
+    sliding_window: Optional[tuple[int, int]] = None  # (window tokens, layers that use it)
 
     @property
     def group(self) -> str:
@@ -115,7 +116,7 @@ class Prepared:
             fam = dataclasses.replace(fam, **fitted[self.chip.family])
         return estimate(self.m, self.chip, self.layout, global_batch=self.batch, glu=self.glu, family=fam,
                         compute_dtype=self.compute_dtype, power_cap_w=self.power_cap, flash=self.flash,
-                        framework=self.framework)
+                        framework=self.framework, sliding_window=self.sliding_window)
 
     def predict(self, fitted: Optional[dict[str, dict[str, float]]] = None) -> float:
         return metric_value(self.row["metric"], self.estimate(fitted), self.m, self.chip, self.chips, self.batch,
@@ -246,6 +247,18 @@ def prepare_case(row: dict[str, str]) -> Prepared:
     framework = (row.get("framework") or "").strip().lower() or None
     if framework not in (None, "jax", "pytorch"):
         raise UserError(f"--cases: row {row['id']}: framework must be jax or pytorch, got '{framework}'")
+    sliding_window = None
+    if (row.get("sliding_window") or "").strip():
+        # Local attention layers (Gemma 3: a 1024-token window on 5 of every 6 layers).
+        try:
+            window, local = _int(row, "sliding_window"), _int(row, "sliding_layers")
+        except ValueError:
+            window = local = None
+        if not (window and window > 0 and local and 0 < local <= int(row["layers"])):
+            raise UserError(f"--cases: row {row['id']}: sliding_window must be a positive number of tokens with "
+                            f"sliding_layers between 1 and layers, got '{row.get('sliding_window')}' and "
+                            f"'{row.get('sliding_layers', '')}'")
+        sliding_window = (window, local)
     chips = int(row["chips"])
     unit_per_chip = chip.devices_per_chip
     devices = chips * unit_per_chip
@@ -301,10 +314,12 @@ def prepare_case(row: dict[str, str]) -> Prepared:
     if power_cap:
         assumed.append(f"power cap {power_cap:.0f} W (notes column)")
     precision = (row.get("precision") or "bf16").strip().lower()
-    compute_dtype = "fp8" if precision == "fp8" and chip.peak_flops("fp8") else "bfloat16"
+    # FP8 and int8 (AQT) weight GEMMs at the chip's peak for that type, where it has one.
+    compute_dtype = precision if precision in ("fp8", "int8") and chip.peak_flops(precision) else "bfloat16"
     flash = fixed.pop("flash", None)
     est, _ = search(m, chip, devices, batch, fixed=fixed, glu=glu, require_fit=False, power_cap_w=power_cap,
-                    compute_dtype=compute_dtype, flash=flash, framework=framework)
+                    compute_dtype=compute_dtype, flash=flash, framework=framework,
+                    sliding_window=sliding_window)
     if est is not None and not est.fits:
         assumed.append(f"memory: the planner estimates {est.memory_per_device_gib:.0f} GiB per device, over "
                        f"the catalog's {est.capacity_gib:.0f} GiB for {chip.name}")
@@ -317,7 +332,8 @@ def prepare_case(row: dict[str, str]) -> Prepared:
     if not remat:
         assumed.append(f"remat={est.layout.remat} (searched)")
     return Prepared(row=row, m=m, chip=chip, chips=chips, batch=batch, glu=glu, compute_dtype=compute_dtype,
-                    power_cap=power_cap, layout=est.layout, assumed=assumed, flash=flash, framework=framework)
+                    power_cap=power_cap, layout=est.layout, assumed=assumed, flash=flash, framework=framework,
+                    sliding_window=sliding_window)
 
 
 def metric_value(metric: str, est: Estimate, m: ModelConfig, chip, chips: int, batch: int, row: dict, glu: bool) -> float:

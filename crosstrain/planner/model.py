@@ -472,6 +472,7 @@ def estimate(
     implementation: str = "efficient",
     slice_chips: Optional[int] = None,
     framework: Optional[str] = None,
+    sliding_window: Optional[tuple[int, int]] = None,
 ) -> Estimate:
     fam = family or FAMILIES[chip.family]
     flash = fam.causal_skip if flash is None else flash
@@ -485,6 +486,14 @@ def estimate(
     model_flops = flops_per_token(m, attention=CROSSTRAIN_CONVENTION, glu=glu) * tokens_step
     dense_fwd = 2.0 * (matmul_params(m, glu=glu) - m.hidden * m.vocab)  # per token, all layers
     attn_fwd = attention_flops_per_token(m, attention=executed_attn)
+    if sliding_window and flash:
+        # (window, local layers): those layers attend to the last `window` tokens only, and a
+        # flash kernel skips the blocks outside the band (Splash's local mask, FlashAttention's
+        # window): a query sees on average w - w^2 / 2s keys where causal attention sees s / 2.
+        window, local = sliding_window
+        w = min(window, seq)
+        band = (w - w * w / (2.0 * seq)) / (seq / 2.0)
+        attn_fwd *= (m.layers - local + local * band) / m.layers
     # JAX programs: crosstrain's own step everywhere; published software on TPU (MaxText,
     # AXLearn, PaLM's) and wherever its source says so (`framework`: AXLearn on Trainium, Pax on
     # GPU). Other published GPU and Trainium software is PyTorch.
@@ -500,7 +509,7 @@ def estimate(
     peak = chip.peak_flops(compute_dtype) or chip.peak_flops("bfloat16")
     # FP8 training (Transformer Engine and the like) runs the weight GEMMs in fp8; attention and
     # everything else stay in bf16.
-    attn_peak = chip.peak_flops("bfloat16") if compute_dtype == "fp8" else peak
+    attn_peak = chip.peak_flops("bfloat16") if compute_dtype in ("fp8", "int8") else peak
     if power_cap_w and chip.power_w and power_cap_w < chip.power_w:
         # Dynamic power ~ f V^2 with V ~ f: a power cap lowers the sustained clock by (cap/TDP)^(1/3).
         clock = (power_cap_w / chip.power_w) ** (1.0 / 3.0)
@@ -532,7 +541,8 @@ def estimate(
               else fam.elementwise_passes)
     elem_per_token_layer = elementwise_bytes_per_token_layer(m, lay, flash=flash, glu=glu, passes=passes,
                                                              implementation=implementation)
-    if compute_dtype == "fp8":
+    if compute_dtype in ("fp8", "int8"):
+        # int8 (MaxText's AQT) quantizes the same operands the same way: an amax pass and a cast.
         elem_per_token_layer += fp8_cast_bytes_per_token_layer(m, lay, glu)
     tokens_device = tokens_step / (lay.ranks * lay.cp)
     layers_stage = m.layers / lay.pp

@@ -102,13 +102,15 @@ def search(
     implementation: str = "efficient",
     slice_chips: Optional[int] = None,
     framework: Optional[str] = None,
+    sliding_window: Optional[tuple[int, int]] = None,
 ) -> tuple[Optional[Estimate], int]:
     """(fastest fitting estimate or None, number of layouts tried). With require_fit=False the
     fastest layout is returned even if none fits (fitting ones are still preferred).
 
     implementation="crosstrain" searches the layouts crosstrain's trainer runs (no pipeline or
     context parallelism, no sequence parallelism) priced as its own step. `framework` ("jax" or
-    "pytorch") names published software's framework where it is not the family's usual one."""
+    "pytorch") names published software's framework where it is not the family's usual one;
+    `sliding_window` (window, local layers) a model whose local layers attend to a band."""
     fixed = crosstrain_fixed(fixed, m) if implementation == "crosstrain" else fixed
     best: Optional[Estimate] = None
     best_any: Optional[Estimate] = None
@@ -118,7 +120,7 @@ def search(
         tried += 1
         est = estimate(m, chip, lay, global_batch=global_batch, glu=glu, compute_dtype=compute_dtype, flash=flash,
                        power_cap_w=power_cap_w, implementation=implementation, slice_chips=slice_chips,
-                       framework=framework)
+                       framework=framework, sliding_window=sliding_window)
         if best_any is None or est.step_time_s < best_any.step_time_s:
             best_any = est
         if est.fits and (best is None or est.step_time_s < best.step_time_s):
