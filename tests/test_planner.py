@@ -564,6 +564,51 @@ def test_cluster_network_framework_and_state_dtype_settings(tmp_path, capsys):
         assert words in err and err.count("\n") == 1
 
 
+def test_sliding_window_attention_and_int8_matmuls(tmp_path, capsys):
+    """Gemma 3's local layers attend to a 1024-token band that a flash kernel skips around, and
+    AQT's int8 matmuls run at the chip's int8 peak (attention stays bf16)."""
+    from crosstrain.flops import attention_flops_per_token
+
+    m = _afm_like(layers=48, seq_len=32768)
+    v6e = get_chip("tpu-v6e")
+    lay = Layout(fsdp=256, microbatch=1, remat="full")
+    full = estimate(m, v6e, lay, global_batch=256)
+    local = estimate(m, v6e, lay, global_batch=256, sliding_window=(1024, 40))
+    w, s = 1024, 32768
+    band = (w - w * w / (2 * s)) / (s / 2)
+    attn = attention_flops_per_token(m, attention="causal") * 256 * s
+    saved = attn * (1 - (8 + 40 * band) / 48)
+    # The saved forward FLOPs, counted again in the backward (2x) and the recomputation (<= 1x).
+    assert 3.0 <= (full.hardware_flops_per_step - local.hardware_flops_per_step) / saved <= 4.0
+    assert local.hardware_flops_per_step < full.hardware_flops_per_step and local.step_time_s < full.step_time_s
+    # Without a flash kernel the masked scores are computed anyway.
+    assert estimate(m, v6e, lay, global_batch=256, flash=False, sliding_window=(1024, 40)).step_time_s == \
+        estimate(m, v6e, lay, global_batch=256, flash=False).step_time_s
+    # int8 weight GEMMs at twice the bf16 peak on v5p; the quantization's amax and cast passes cost
+    # memory-bound time like FP8's.
+    v5p = get_chip("tpu-v5p")
+    assert v5p.peak_flops("int8") == 2 * v5p.peak_flops("bfloat16")
+    m = _afm_like()
+    lay = Layout(fsdp=64, microbatch=2, remat="full")
+    bf16 = estimate(m, v5p, lay, global_batch=128)
+    int8 = estimate(m, v5p, lay, global_batch=128, compute_dtype="int8")
+    assert int8.time["compute_s"] < bf16.time["compute_s"] and int8.time["memory_bound_s"] > bf16.time["memory_bound_s"]
+    # The row's fields: a bad window is a one-line error.
+    text = shipped_cases_path().read_text().splitlines()
+    row = next(line for line in text if line.startswith("tpurec-v6e-gemma3-12b-1x256,"))
+    path = tmp_path / "c.csv"
+    path.write_text(text[0] + ",sliding_window,sliding_layers\n" + row + ",wide,40\n")
+    assert main(["plan", "--cases", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "sliding_window must be a positive number of tokens" in err and err.count("\n") == 1
+    path.write_text(text[0] + "\n" + row + "\n")
+    assert main(["plan", "--cases", str(path), "--json"]) == 0
+    case = json.loads(capsys.readouterr().out)["cases"][0]
+    path.write_text(text[0] + ",sliding_layers\n" + row + ",1\n")  # one local layer instead of the stated 40
+    assert main(["plan", "--cases", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cases"][0]["step_time_s"] > case["step_time_s"]
+
+
 def test_each_weight_matmul_is_judged_by_its_own_shape():
     """Under wide tensor parallelism the attention projections get narrow (heads x head_dim / tp)
     while the MLP stays wide: the layer's efficiency lies between the two, weighted by FLOPs, not

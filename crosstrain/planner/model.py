@@ -98,14 +98,14 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "tpu": Family("tpu", matmul_eff=0.90, width_half=96, overlap=0.9, tp_overlap=0.25, link_eff=0.8,
-                  causal_skip=True, attn_eff=0.6, elementwise_passes=2.5, reserved_gib=0.5, usable=0.97,
-                  hierarchical=True, fitted_scale=0.92),
+                  causal_skip=True, attn_eff=0.6, elementwise_passes=2.0, reserved_gib=0.5, usable=0.97,
+                  hierarchical=True, fitted_scale=0.87),
     "gpu": Family("gpu", matmul_eff=0.75, width_half=160, overlap=0.8, tp_overlap=0.0, link_eff=0.75,
                   causal_skip=True, attn_eff=0.4, elementwise_passes=2.0, reserved_gib=2.0, usable=GPU_MEMORY_FRACTION,
                   hierarchical=True, fitted_scale=0.85),
     "trainium": Family("trainium", matmul_eff=0.85, width_half=128, overlap=0.7, tp_overlap=0.0, link_eff=0.7,
                        causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.95,
-                       fitted_scale=0.63),
+                       fitted_scale=0.71),
     "cpu": Family("cpu", matmul_eff=0.85, width_half=64, overlap=0.0, tp_overlap=0.0, link_eff=1.0,
                   causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.8),
 }
