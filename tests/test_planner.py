@@ -609,6 +609,25 @@ def test_sliding_window_attention_and_int8_matmuls(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["cases"][0]["step_time_s"] > case["step_time_s"]
 
 
+def test_maxtexts_save_dot_except_mlpwi_policy():
+    """MaxText's save_dot_except_mlpwi keeps every weight matmul's output but the MLP's gate and
+    up (recomputed in the backward), between `minimal` (all kept) and `full` (none)."""
+    from crosstrain.planner.model import activation_bytes_per_token_layer
+
+    m = _afm_like()
+    lay = Layout(fsdp=64, microbatch=4, remat="dots_except_mlpwi")
+    act = activation_bytes_per_token_layer(m, lay, flash=True)
+    assert act["minimal"] - act["dots_except_mlpwi"] == pytest.approx(2 * 2 * m.ffn)  # gate and up, bf16
+    assert act["full"] < act["dots_except_mlpwi"] < act["minimal"]
+    weights = m.hidden * (m.heads + 2 * m.kv_heads) * m.head_dim + m.heads * m.head_dim * m.hidden + 3 * m.hidden * m.ffn
+    assert recomputed_dense_fraction(m, "dots_except_mlpwi") == pytest.approx(2 * m.hidden * m.ffn / weights)
+    v5p = get_chip("tpu-v5p")
+    kept = estimate(m, v5p, Layout(fsdp=64, microbatch=4, remat="minimal"), global_batch=256)
+    rerun = estimate(m, v5p, lay, global_batch=256)
+    assert rerun.hardware_flops_per_step > kept.hardware_flops_per_step
+    assert rerun.memory["activations"] < kept.memory["activations"]
+
+
 def test_each_weight_matmul_is_judged_by_its_own_shape():
     """Under wide tensor parallelism the attention projections get narrow (heads x head_dim / tp)
     while the MLP stays wide: the layer's efficiency lies between the two, weighted by FLOPs, not

@@ -28,7 +28,8 @@ from crosstrain.planner.search import LAYOUT_FLAGS as SEARCH_LAYOUT_FLAGS, searc
 
 REQUIRED = ("id", "chip", "chips", "layers", "hidden", "heads", "ffn", "vocab", "seq_len", "metric", "value")
 METRICS = ("mfu", "tflops_per_chip_model", "tflops_per_chip_hw", "tokens_per_s_per_chip", "seqs_per_s", "step_time_s")
-REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "minimal", "dots_saveable": "minimal", "dots": "dots", "op": "op", "mlp": "mlp",
+REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "minimal", "dots_saveable": "minimal", "dots": "dots",
+               "save_dot_except_mlpwi": "dots_except_mlpwi", "op": "op", "mlp": "mlp",
                "offload": "offload", "full": "full"}
 # Source-stated settings without a column of their own, given per run in
 # published_cases_assumptions.csv with the source's words as the basis.

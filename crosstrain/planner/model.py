@@ -99,7 +99,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "tpu": Family("tpu", matmul_eff=0.90, width_half=96, overlap=0.9, tp_overlap=0.25, link_eff=0.8,
                   causal_skip=True, attn_eff=0.6, elementwise_passes=2.0, reserved_gib=0.5, usable=0.97,
-                  hierarchical=True, fitted_scale=0.87),
+                  hierarchical=True, fitted_scale=0.9),
     "gpu": Family("gpu", matmul_eff=0.75, width_half=160, overlap=0.8, tp_overlap=0.0, link_eff=0.75,
                   causal_skip=True, attn_eff=0.4, elementwise_passes=2.0, reserved_gib=2.0, usable=GPU_MEMORY_FRACTION,
                   hierarchical=True, fitted_scale=0.85),
@@ -125,7 +125,7 @@ class Layout:
     # bf16 weights on every rank, their fp32 master copy and both moments sharded over the
     # data-parallel ranks (dp x cp).
     zero1: bool = False
-    remat: str = "full"  # none | selective | dots | minimal | op | attention | mlp | offload | full
+    remat: str = "full"  # none | selective | dots | minimal | dots_except_mlpwi | op | attention | mlp | offload | full
     # FSDP: weights all-gathered for every microbatch's forward and backward (ZeRO-3, the
     # default), or once per step and kept gathered until the backward is done (ZeRO-2; Llama 3's
     # "FSDP that does not reshard after forward").
@@ -244,6 +244,8 @@ def recomputed_dense_fraction(m: ModelConfig, remat: str, glu: bool = True, *, x
         # q, k, v come back from host memory; the attention output projection and the MLP are
         # recomputed.
         return (out + mlp - down) / (qkv + out + mlp)
+    if remat == "dots_except_mlpwi":  # the MLP's gate and up projections are rerun
+        return (mlp - m.hidden * m.ffn) / (qkv + out + mlp)
     return 0.0
 
 
@@ -252,7 +254,7 @@ def recomputed_attention_fraction(remat: str, *, flash: bool, implementation: st
     under full remat and offload, and under selective (Megatron's definition: recompute the
     attention core) except in crosstrain's step with Splash, whose selective policy keeps the
     kernel's residuals; "attention", "dots" and torchtitan's "op" keep its output."""
-    if remat in ("full", "offload", "minimal") or (remat == "selective" and not (flash and implementation == "crosstrain")):
+    if remat in ("full", "offload", "minimal", "dots_except_mlpwi") or (remat == "selective" and not (flash and implementation == "crosstrain")):
         return 1.0
     if remat == "mlp" and not flash:
         return 0.5  # the attention output is kept; the scores (QK^T, softmax) are not
@@ -441,6 +443,9 @@ def activation_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: bool
         "dots": selective if implementation == "crosstrain" else dots,
         # MaxText's "minimal": the same tensors; the attention kernel (no weight matmul) is rerun.
         "minimal": dots,
+        # MaxText's save_dot_except_mlpwi: as "minimal" without the MLP's gate and up outputs
+        # (mlpwi), which the backward pass recomputes.
+        "dots_except_mlpwi": dots - BF16 * (2 if glu else 1) * m.ffn / tp,
         "attention": layer_input + attn_saved,
         # torchtitan's op-level selective checkpointing (the block's input; every second weight
         # matmul's output: q, v, the MLP's gate and down projection; the flash kernel's output
