@@ -266,19 +266,8 @@ class Trainer:
         if preempted:
             self.records.close()
             self._sync()
-            self._end_together()
             return {"preempted": True, "step": self.step}
         return self._finish()
-
-    def _end_together(self) -> None:
-        """Every process leaves the run at once. Process 0's tail (the summary, the loss chart, the
-        upload to a bucket) can outlast how long the others wait for it at shutdown
-        (parallel/distributed.py SHUTDOWN_S) on a loaded machine; a collective here makes them
-        wait for it while its heartbeat still says it is alive."""
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("crosstrain-end")
 
     def _loop(self) -> bool:
         """Train to train.steps. Returns True if stopped by a preemption (state saved)."""
@@ -521,5 +510,4 @@ class Trainer:
                 100 * (summary["goodput"] or 0), self.goodput.ledger.attempts, self.where,
             )
         self._sync()
-        self._end_together()
         return summary
