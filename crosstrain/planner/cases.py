@@ -146,6 +146,20 @@ def _int(row: dict, key: str) -> Optional[int]:
     return int(float(v)) if v else None
 
 
+def _positive_number(row: dict, key: str, words: str) -> Optional[float]:
+    """A row's positive numeric setting, None where blank; anything else is a one-line error."""
+    v = (row.get(key) or "").strip()
+    if not v:
+        return None
+    try:
+        x = float(v)
+    except ValueError:
+        x = -1.0
+    if not x > 0:
+        raise UserError(f"--cases: row {row['id']}: {key} must be {words}, got '{v}'")
+    return x
+
+
 def _bool(row: dict, key: str, default: bool) -> bool:
     v = (row.get(key) or "").strip().lower()
     return default if not v else v in ("true", "1", "yes")
@@ -220,29 +234,20 @@ def prepare_case(row: dict[str, str]) -> Prepared:
             row[key] = value
             assumed.append(f"{key}={value} ({basis})")
     chip = get_chip(row["chip"])
-    hbm = (row.get("hbm_gb") or "").strip()
-    if hbm:
+    gb = _positive_number(row, "hbm_gb", "a positive number of GB")
+    if gb is not None:
         # A variant of the catalogued part with other memory (H100 96GB HBM3 beside the 80GB SXM),
         # where the source says so (published_cases_assumptions.csv gives the basis).
-        try:
-            gb = float(hbm)
-        except ValueError:
-            gb = -1.0
-        if not gb > 0:
-            raise UserError(f"--cases: row {row['id']}: hbm_gb must be a positive number of GB, got '{hbm}'")
         chip = dataclasses.replace(chip, hbm_gib=gb * 1e9 / 2**30)
         assumed.append(f"{gb:g} GB of memory per chip (the source's variant of {chip.name})")
-    network = (row.get("network_gbit_per_node") or "").strip()
-    if network:
+    network_words = "a positive number of Gb/s per node of a GPU or Trainium cluster"
+    gbit = _positive_number(row, "network_gbit_per_node", network_words)
+    if gbit is not None:
         # The cluster's scale-out network where the source states it (per node, as sources give
         # it), in place of the catalogue's (one 400 Gb/s NIC per H100, 200 Gb/s per A100).
-        try:
-            gbit = float(network)
-        except ValueError:
-            gbit = -1.0
-        if not gbit > 0 or chip.family not in ("gpu", "trainium"):
-            raise UserError(f"--cases: row {row['id']}: network_gbit_per_node must be a positive number of Gb/s "
-                            f"per node of a GPU or Trainium cluster, got '{network}'")
+        if chip.family not in ("gpu", "trainium"):
+            raise UserError(f"--cases: row {row['id']}: network_gbit_per_node must be {network_words}, "
+                            f"got '{row['network_gbit_per_node'].strip()}'")
         chip = dataclasses.replace(chip, scaleout_gbps=gbit / 8 / chip.link_domain)
         assumed.append(f"{gbit:g} Gb/s of scale-out network per {chip.link_domain}-chip node (the source's cluster)")
     framework = (row.get("framework") or "").strip().lower() or None
