@@ -296,7 +296,7 @@ def cases_table(result: dict[str, Any]) -> str:
     out.append(f"refused (no layout; counted as 100% misses): {s['refused']}; runs that fit the planner's memory model "
                f"with their stated layout: {100 * s['memory_fit_fraction']:.0f}%")
     out.append("fitted scales: " + ", ".join(f"{k} {v:.2f}" for k, v in s["fitted_scales"].items())
-               + "; elementwise passes: " + ", ".join(f"{k} {v:.1f}" for k, v in s["fitted_elementwise_passes"].items()))
+               + "; elementwise passes: " + ", ".join(f"{k} {v:g}" for k, v in s["fitted_elementwise_passes"].items()))
     for key in ("by_family", "by_chip", "by_scale", "by_group"):
         out.append(f"{key.replace('_', ' ')}: " + "; ".join(
             f"{name} n={v['count']} speed {100 * v['median_speed_error']:+.0f}% |err| {100 * v['median_abs_rel_error']:.0f}% "
