@@ -564,6 +564,52 @@ def test_cluster_network_framework_and_state_dtype_settings(tmp_path, capsys):
         assert words in err and err.count("\n") == 1
 
 
+def test_block_level_checkpointing_and_stated_memory_bandwidth(tmp_path, capsys):
+    """Round two's fifth pass: fms-fsdp checkpoints every n-th block (`remat_blocks`: the share
+    of blocks the policy covers; the rest keep everything), and a source's stated HBM bandwidth
+    (`hbm_tbps`: Grand Teton's H100s at 2.4 TB/s) sets the memory-bound work's rate. Bad values
+    are one-line errors."""
+    m = _afm_like()
+    h100 = get_chip("h100-sxm")
+    base = dict(fsdp=64, microbatch=2)
+    none = estimate(m, h100, Layout(**base, remat="none"), global_batch=128)
+    full = estimate(m, h100, Layout(**base, remat="full"), global_batch=128)
+    half = estimate(m, h100, Layout(**base, remat="full", remat_blocks=0.5), global_batch=128)
+    # Half the blocks rerun their forward: half the extra work, and activations between the two.
+    extra = full.hardware_flops_per_step - none.hardware_flops_per_step
+    assert extra > 0
+    assert half.hardware_flops_per_step - none.hardware_flops_per_step == pytest.approx(extra / 2)
+    assert full.memory["activations"] < half.memory["activations"] < none.memory["activations"]
+    assert full.step_time_s > half.step_time_s > none.step_time_s
+    # The rows: IBM's 13B "Selective AC" is full checkpointing on every second block.
+    text = shipped_cases_path().read_text().splitlines()
+    path = tmp_path / "c.csv"
+
+    def run(row_id: str, extra_header: str = "", extra_value: str = "") -> dict:
+        row = next(line for line in text if line.startswith(row_id + ","))
+        path.write_text(text[0] + extra_header + "\n" + row + extra_value + "\n")
+        assert main(["plan", "--cases", str(path), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["cases"][0]
+
+    ibm = run("ibm-fsdp-llama2-13b-h100-96")
+    assert ibm["remat"] == "full on 0.5 of the blocks"
+    every = run("ibm-fsdp-llama2-13b-h100-96", ",remat_blocks", ",1")
+    assert every["remat"] == "full" and every["predicted"] < ibm["predicted"]
+    # torchtitan's Grand Teton H100s: 2.4 TB/s stated; the SXM part's 3.35 would make it faster.
+    teton = run("torchtitan-llama3.1-8b-8")
+    assert any("2.4 TB/s of memory bandwidth" in a for a in teton["assumed"])
+    sxm = run("torchtitan-llama3.1-8b-8", ",hbm_tbps", ",3.35")
+    assert sxm["predicted"] > teton["predicted"]
+    row = next(line for line in text if line.startswith("ibm-fsdp-llama2-13b-h100-96,"))
+    for header, value, words in ((",remat_blocks", ",1.5", "remat_blocks must be a fraction of the blocks in (0, 1]"),
+                                 (",remat_blocks", ",half", "remat_blocks must be a fraction"),
+                                 (",hbm_tbps", ",-2", "hbm_tbps must be a positive number of TB/s")):
+        path.write_text(text[0] + header + "\n" + row + value + "\n")
+        assert main(["plan", "--cases", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1
+
+
 def test_sliding_window_attention_and_int8_matmuls(tmp_path, capsys):
     """Gemma 3's local layers attend to a 1024-token band that a flash kernel skips around, and
     AQT's int8 matmuls run at the chip's int8 peak (attention stays bf16)."""

@@ -44,7 +44,16 @@ FLAG_VALUES = {
     "logit_bytes": ("2, 4 or 6 (bytes per logit)", lambda v: int(v) if v in ("2", "4", "6") else None),
     "state_bytes": ("2 or 4 (bytes per weight and per Adam moment)", lambda v: int(v) if v in ("2", "4") else None),
     "sequence_parallel": _BOOL,
+    "remat_blocks": ("a fraction of the blocks in (0, 1]", lambda v: _fraction(v)),
 }
+def _fraction(v: str) -> Optional[float]:
+    try:
+        x = float(v)
+    except ValueError:
+        return None
+    return x if 0 < x <= 1 else None
+
+
 assert set(FLAG_VALUES) == set(LAYOUT_FLAGS), "every source-stated flag says what it accepts"
 
 
@@ -203,7 +212,8 @@ def result_of(p: Prepared) -> CaseResult:
     return CaseResult(
         id=p.row["id"], metric=p.row["metric"], predicted=predicted, actual=actual,
         rel_error=(predicted - actual) / actual, chip=p.chip.name, chips=p.chips, layout=est.layout.describe(),
-        remat=est.layout.remat, global_batch=p.batch, step_time_s=est.step_time_s, assumed=p.assumed,
+        remat=est.layout.remat + (f" on {est.layout.remat_blocks:g} of the blocks" if est.layout.remat_blocks < 1 else ""),
+        global_batch=p.batch, step_time_s=est.step_time_s, assumed=p.assumed,
         source=p.row.get("source", ""), group=p.group, family=p.family,
         memory_per_device_gib=est.memory_per_device_gib, capacity_gib=est.capacity_gib, memory_fits=est.fits,
         params_b=param_count(p.m, glu=p.glu) / 1e9,
@@ -240,6 +250,12 @@ def prepare_case(row: dict[str, str]) -> Prepared:
         # where the source says so (published_cases_assumptions.csv gives the basis).
         chip = dataclasses.replace(chip, hbm_gib=gb * 1e9 / 2**30)
         assumed.append(f"{gb:g} GB of memory per chip (the source's variant of {chip.name})")
+    tbps = _positive_number(row, "hbm_tbps", "a positive number of TB/s")
+    if tbps is not None:
+        # The variant's memory bandwidth where the source states it (Meta's Grand Teton H100s:
+        # 96 GB of HBM2e at 2.4 TB/s, against the SXM part's 3.35): the memory-bound work's rate.
+        chip = dataclasses.replace(chip, hbm_gbps=tbps * 1000)
+        assumed.append(f"{tbps:g} TB/s of memory bandwidth per chip (the source's variant of {chip.name})")
     network_words = "a positive number of Gb/s per node of a GPU or Trainium cluster"
     gbit = _positive_number(row, "network_gbit_per_node", network_words)
     if gbit is not None:
@@ -362,7 +378,7 @@ def metric_value(metric: str, est: Estimate, m: ModelConfig, chip, chips: int, b
     extra = 0.0
     layer_fwd = 2.0 * (matmul_params(m, glu=glu) - m.hidden * m.vocab) + 4.0 * m.layers * m.heads * m.head_dim * m.seq_len / (2 if conv == "causal" else 1)
     if remat == "full":
-        extra = layer_fwd * tokens
+        extra = layer_fwd * tokens * est.layout.remat_blocks
     return (model_flops + extra) / t / chips / 1e12
 
 

@@ -159,6 +159,10 @@ class Layout:
     # scanned layers' gradients after the backward loop unless its data-parallel all-reduce
     # optimization is on (AXLearn's launcher sets it only for multi-slice runs).
     dp_overlap: bool = True
+    # The fraction of the transformer blocks the remat policy applies to; the others keep all
+    # their activations (none recomputed). fms-fsdp's block-level "selective" checkpointing wraps
+    # every n-th block (`apply_fsdp_checkpointing(model, every_xth_item=n)`): 1/n.
+    remat_blocks: float = 1.0
 
     @property
     def devices(self) -> int:
@@ -287,7 +291,7 @@ def elementwise_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: boo
                        + (4 if glu else 2) * m.ffn / lay.tp)
     # What a policy reruns of the elementwise chain: JAX skips the down projection's matmul, not
     # the SwiGLU product that is its input, so the chain is counted as PyTorch reruns it.
-    base *= (1.0 + recomputed_dense_fraction(m, lay.remat, glu) / 3.0) * passes
+    base *= (1.0 + recomputed_dense_fraction(m, lay.remat, glu) * lay.remat_blocks / 3.0) * passes
     if flash:
         return base
     # Attention without a flash kernel writes the scores to memory and reads them back: per score
@@ -296,7 +300,7 @@ def elementwise_bytes_per_token_layer(m: ModelConfig, lay: Layout, *, flash: boo
     # read dS twice and P once (14 bytes). The forward is repeated when attention is recomputed.
     # One fused softmax kernel per pass (Megatron's scaled_masked_softmax, an XLA fusion), so no
     # extra passes.
-    recompute_attn = recomputed_attention_fraction(lay.remat, flash=flash, implementation=implementation)
+    recompute_attn = recomputed_attention_fraction(lay.remat, flash=flash, implementation=implementation) * lay.remat_blocks
     return base + m.heads * (m.seq_len / lay.cp) * (22 + 8 * recompute_attn) / lay.tp
 
 
@@ -503,10 +507,10 @@ def estimate(
     # AXLearn, PaLM's) and wherever its source says so (`framework`: AXLearn on Trainium, Pax on
     # GPU). Other published GPU and Trainium software is PyTorch.
     xla = implementation == "crosstrain" or (framework == "jax" if framework else chip.family == "tpu")
-    recompute_dense = recomputed_dense_fraction(m, lay.remat, glu, xla=xla)
+    recompute_dense = recomputed_dense_fraction(m, lay.remat, glu, xla=xla) * lay.remat_blocks
     # forward, backward (2x), recomputed forward
     dense_per_token = (3.0 + recompute_dense) * dense_fwd
-    recompute_attn = recomputed_attention_fraction(lay.remat, flash=flash, implementation=implementation)
+    recompute_attn = recomputed_attention_fraction(lay.remat, flash=flash, implementation=implementation) * lay.remat_blocks
     attn_per_token = (3.0 + recompute_attn) * attn_fwd
     head_per_token = 3.0 * 2.0 * m.hidden * m.vocab
     hw_flops = (dense_per_token + attn_per_token + head_per_token) * tokens_step
@@ -636,7 +640,9 @@ def estimate(
     act = activation_bytes_per_token_layer(m, lay, flash=flash, glu=glu, implementation=implementation,
                                            kernel="cudnn" if chip.family == "gpu" else "splash")
     in_flight = min(lay.pp, n_micro) if lay.pp > 1 else 1
-    saved = 0.0 if lay.host_offload else act[lay.remat] * micro_tokens * layers_stage * in_flight
+    # Blocks outside the policy's share (Layout.remat_blocks) keep everything, as under "none".
+    per_layer = lay.remat_blocks * act[lay.remat] + (1 - lay.remat_blocks) * act["none"]
+    saved = 0.0 if lay.host_offload else per_layer * micro_tokens * layers_stage * in_flight
     working = act["working"] * micro_tokens * (1 if lay.remat != "none" else 0)
     # fp32 logits and their gradient; crosstrain's fused loss without a flash kernel keeps one fp32
     # copy live beside the reference attention's scores (XLA's TPU memory analysis).

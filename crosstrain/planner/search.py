@@ -12,7 +12,7 @@ from crosstrain.planner.model import Estimate, Layout, estimate
 REMATS = ("none", "selective", "full")
 # Source-stated layout settings that candidate layouts carry through unchanged.
 LAYOUT_FLAGS = ("keep_gathered", "gather_bytes", "reduce_bytes", "tp_comm_overlap", "host_offload", "vocab_tiles", "logit_bytes", "dp_overlap",
-                "state_bytes")
+                "state_bytes", "remat_blocks")
 # crosstrain's own step also has the "attention" policy (model/transformer.py).
 CROSSTRAIN_REMATS = ("none", "selective", "attention", "full")
 
