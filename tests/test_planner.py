@@ -10,7 +10,7 @@ from crosstrain.config import ModelConfig, load_config
 from crosstrain.flops import flops_per_token
 from crosstrain.hardware import CATALOG, get_chip
 from crosstrain.planner.cases import evaluate_cases, read_cases, shipped_cases_path
-from crosstrain.planner.model import (FAMILIES, Layout, estimate, fp8_cast_bytes_per_token_layer, layer_params,
+from crosstrain.planner.model import (FAMILIES, Layout, estimate, quantize_cast_bytes_per_token_layer, layer_params,
                                       recomputed_attention_fraction, recomputed_dense_fraction, total_params)
 from crosstrain.planner.plan import Options, plan
 from crosstrain.planner.search import candidate_layouts, search
@@ -451,7 +451,7 @@ def test_loss_recomputation_gathers_and_fp8_casts_of_published_software():
     # time grows by exactly those bytes over the device's tokens and layers.
     bf16 = estimate(m, h100, lay, global_batch=16)
     fp8 = estimate(m, h100, lay, global_batch=16, compute_dtype="fp8")
-    extra = fp8_cast_bytes_per_token_layer(m, lay) * m.layers * 16 * m.seq_len / 8 / (h100.hbm_gbps * 1e9)
+    extra = quantize_cast_bytes_per_token_layer(m, lay) * m.layers * 16 * m.seq_len / 8 / (h100.hbm_gbps * 1e9)
     assert fp8.time["memory_bound_s"] - bf16.time["memory_bound_s"] == pytest.approx(extra, rel=1e-6)
     assert fp8.time["compute_s"] < bf16.time["compute_s"]
     # A data-parallel all-reduce that waits for the end of the backward (AXLearn's single-slice

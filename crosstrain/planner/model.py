@@ -265,9 +265,10 @@ def recomputed_attention_fraction(remat: str, *, flash: bool, implementation: st
     return 0.0
 
 
-def fp8_cast_bytes_per_token_layer(m: ModelConfig, lay: Layout, glu: bool = True) -> float:
-    """HBM bytes per token and layer that FP8 training adds beyond its GEMMs (Transformer Engine,
-    torchao's float8): every GEMM operand that is not a weight is cast to fp8 before its GEMM, in
+def quantize_cast_bytes_per_token_layer(m: ModelConfig, lay: Layout, glu: bool = True) -> float:
+    """HBM bytes per token and layer that 8-bit matmuls add beyond their GEMMs (FP8 training with
+    Transformer Engine or torchao's float8; int8 with MaxText's AQT, which quantizes the same
+    operands the same way): every GEMM operand that is not a weight is cast to fp8 before its GEMM, in
     the forward (the inputs of the QKV, attention-output, MLP-in and MLP-out projections) and in
     the backward (the gradients arriving at each of them), and each cast also writes the
     transposed copy the other GEMM of the pair reads. Per element: current (per-tensor) scaling's
@@ -551,8 +552,7 @@ def estimate(
     elem_per_token_layer = elementwise_bytes_per_token_layer(m, lay, flash=flash, glu=glu, passes=passes,
                                                              implementation=implementation)
     if compute_dtype in ("fp8", "int8"):
-        # int8 (MaxText's AQT) quantizes the same operands the same way: an amax pass and a cast.
-        elem_per_token_layer += fp8_cast_bytes_per_token_layer(m, lay, glu)
+        elem_per_token_layer += quantize_cast_bytes_per_token_layer(m, lay, glu)
     tokens_device = tokens_step / (lay.ranks * lay.cp)
     layers_stage = m.layers / lay.pp
     params_total = total_params(m, glu)
