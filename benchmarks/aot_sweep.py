@@ -112,7 +112,11 @@ def refresh_planner(path: Path) -> int:
             continue
         aot = compile_step(cfg, get_chip(chip), row["parallelism"], chips, row["remat"], slices=slices, planner_only=True)
         row.update({"plan_step_time_s": planned["step_time_s"], "plan_memory_per_chip_gib": planned["memory_per_chip_gib"],
-                    **{k: aot[k] for k in ("planner_memory_per_chip_gib", "planner_step_time_s", "planner_compute_s")}})
+                    **{k: aot[k] for k in ("planner_memory_per_chip_gib", "planner_step_time_s", "planner_compute_s",
+                                           "planner_one_pass_gb_per_layer")}})
+        if row.get("xla_elementwise_gb_per_layer"):
+            # XLA's measured traffic is kept; the planner's one pass it is divided by may have moved.
+            row["xla_elementwise_passes"] = row["xla_elementwise_gb_per_layer"] / row["planner_one_pass_gb_per_layer"]
         if row.get("memory_per_chip_gib"):
             row["planner_rel_error"] = (row["planner_memory_per_chip_gib"] - row["memory_per_chip_gib"]) / row["memory_per_chip_gib"]
     path.write_text(json.dumps(data, indent=1))

@@ -268,7 +268,8 @@ def _has_libtpu():
 def test_aot_tpu_memory_agrees_with_the_planner(remat, capsys):
     assert main(["plan", "--preset", "nano", "--chip", "tpu-v5p", "--chips", "4", "--remat", remat,
                  "--parallelism", "tp=1,pp=1,dp=1,fsdp=4,cp=1", "--aot", "--json"]) == 0
-    aot = json.loads(capsys.readouterr().out)["aot"]
+    out = json.loads(capsys.readouterr().out)
+    aot = out["aot"]
     assert aot["topology"] == "v5p:2x2x1" and aot["xla_flops_per_chip"] > 0
     assert aot["attention"] == "reference"  # nano's head_dim 64 is not Splash's
     # Within 15% for full and no recomputation (measured -1.7% and -2.5%); selective measured -15.3%:
@@ -281,6 +282,18 @@ def test_aot_tpu_memory_agrees_with_the_planner(remat, capsys):
     # XLA's elementwise traffic per layer, from the unrolled 1- and 2-layer programs' HLO, is some
     # passes of the planner's fused count (reference attention's scores included in both).
     assert aot["xla_elementwise_gb_per_layer"] > 0 and 0.5 < aot["xla_elementwise_passes"] < 4
+    assert aot["xla_elementwise_passes"] == pytest.approx(
+        aot["xla_elementwise_gb_per_layer"] / aot["planner_one_pass_gb_per_layer"])
+    if remat == "full":
+        # benchmarks/aot_sweep.py --planner-only recomputes the planner's side (its one pass
+        # included, which the kept XLA traffic is divided by again) without compiling.
+        from crosstrain.planner.aot import compile_step
+
+        again = compile_step(load_config("nano"), get_chip("tpu-v5p"), out["parallelism"], 4, "full",
+                             planner_only=True)
+        assert "memory_per_chip_gib" not in again
+        assert again["planner_one_pass_gb_per_layer"] == pytest.approx(aot["planner_one_pass_gb_per_layer"])
+        assert again["planner_step_time_s"] == pytest.approx(aot["planner_step_time_s"])
 
 
 @pytest.mark.slow

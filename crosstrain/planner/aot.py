@@ -336,6 +336,10 @@ def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: in
         "planner_step_time_s": planner.step_time_s,
         "planner_compute_s": planner.time["compute_s"],
         "capacity_gib": capacity / GIB,
+        # The planner's one fused elementwise pass per layer and microbatch: what XLA's measured
+        # traffic is divided by (xla_elementwise_passes, below).
+        "planner_one_pass_gb_per_layer": elementwise_bytes_per_token_layer(
+            model, lay, flash=flash, implementation="crosstrain") * micro * cores * cfg.model.seq_len / 1e9,
     }
     if planner_only:
         return out
@@ -384,11 +388,8 @@ def compile_step(cfg: Config, chip: Chip, parallelism: dict[str, int], chips: in
         one, two = _analysis(one), _analysis(two)
         result["xla_layer_flops_per_chip"] = two["flops"] - one["flops"]
         # XLA's elementwise traffic per layer and microbatch against the planner's one fused pass.
-        one_pass = elementwise_bytes_per_token_layer(model, lay, flash=flash, implementation="crosstrain") \
-            * micro * cores * cfg.model.seq_len
         result["xla_elementwise_gb_per_layer"] = moved / 1e9
-        result["planner_one_pass_gb_per_layer"] = one_pass / 1e9
-        result["xla_elementwise_passes"] = moved / one_pass
+        result["xla_elementwise_passes"] = moved / 1e9 / out["planner_one_pass_gb_per_layer"]
         per_layer = max(two["seconds"] - one["seconds"], 0.0)
         rest = max(one["seconds"] - per_layer, 0.0)
         result["xla_estimated_step_s"] = n_micro * (per_layer * L + rest)
