@@ -323,10 +323,12 @@ CROSSTRAIN_SCORE_BYTES = 6.3
 # nine programs (v4/v5e/v5p/v6e, 8-1024 chips, four policies): 1.07, six of them within
 # 1.00-1.15; the 8-chip plan 1.30, tp=4 1.25, the two-slice v4 program 2.01 (docs/planner.md).
 CROSSTRAIN_TPU_ELEMENTWISE_PASSES = 1.07
-# The same measured on crosstrain's GPU programs (CUDA's deviceless compile): 0.84, 0.90, 0.84,
-# 0.87, 0.86 for the AOT sweep's five H100/H200/B200 programs; their median. crosstrain's own GPU
-# step is priced with it, not with the fitted passes of published GPU software (PyTorch's).
-CROSSTRAIN_GPU_ELEMENTWISE_PASSES = 0.86
+# The same measured on crosstrain's GPU programs (CUDA's deviceless compile) for the AOT sweep's
+# five searched H100/H200/B200 plans: 0.74 (64 H100), 0.90 (8 H200), 0.73 (1024 H100), 1.27 (256
+# B200), 1.81 (256 H100, the one with tensor parallelism); their median (0.84-0.90 with the
+# layouts the search picked before round two's fourth pass). crosstrain's own GPU step is priced
+# with it, not with the fitted passes of published GPU software (PyTorch's).
+CROSSTRAIN_GPU_ELEMENTWISE_PASSES = 0.90
 
 
 @dataclass(frozen=True)
