@@ -76,6 +76,9 @@ def cmd_train(args) -> int:
     run_dir = _make_run_dir(args.run_dir)
     logsetup.setup(run_dir, process_index=jax.process_index())
     train(cfg, run_dir, started=STARTED)
+    from crosstrain.parallel import distributed
+
+    distributed.finish()
     return 0
 
 

@@ -107,6 +107,21 @@ def initialize(spec: ProcessSpec) -> None:
         jax.distributed.initialize(**_timeouts())
 
 
+def finish() -> None:
+    """End this process's part in a multi-process job as soon as its work is done: JAX's shutdown
+    barrier now, not at interpreter exit. JAX registers that barrier as an exit hook, so it runs
+    after Python has joined the process's threads (Grain's prefetch, fsspec's executor) and run its
+    other hooks. On a loaded 2-core machine process 0 of a run kept in a bucket has reached it more
+    than SHUTDOWN_S after process 1 (three of about ten fresh-clone test runs, each beside an AOT
+    compile), though both return from training within about a second of each other (measured);
+    the run then aborted after it had finished. Here every process arrives straight from its work,
+    and whatever exit costs comes after. A no-op without jax.distributed."""
+    import jax
+
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
+
+
 def _timeouts() -> dict[str, int]:
     heartbeat = _env_int(ENV_HEARTBEAT) or HEARTBEAT_S
     if heartbeat < 1:
