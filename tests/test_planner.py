@@ -567,11 +567,18 @@ def test_cluster_network_framework_and_state_dtype_settings(tmp_path, capsys):
     wide = run(",network_gbit_per_node", ",3200")
     assert wide["predicted"] > stated["predicted"]
     assert any("400 Gb/s of scale-out network" in a for a in stated["assumed"])
-    for header, value, words in ((",network_gbit_per_node", ",fast", "network_gbit_per_node must be a positive"),
-                                 (",framework", ",tensorflow", "framework must be jax or pytorch"),
-                                 (",state_bytes", ",1", "state_bytes must be 2 or 4"),
-                                 (",sequence_parallel", ",maybe", "sequence_parallel must be true or false")):
-        path.write_text(text[0] + header + "\n" + row + value + "\n")
+    _each_bad_setting_is_one_line(path, text[0], row, capsys, (
+        ("network_gbit_per_node", "fast", "network_gbit_per_node must be a positive"),
+        ("framework", "tensorflow", "framework must be jax or pytorch"),
+        ("state_bytes", "1", "state_bytes must be 2 or 4"),
+        ("sequence_parallel", "maybe", "sequence_parallel must be true or false")))
+
+
+def _each_bad_setting_is_one_line(path, header: str, row: str, capsys, cases) -> None:
+    """Each (column, value, words): the row with that column added fails `plan --cases` with exit
+    2 and a one-line error containing the words."""
+    for column, value, words in cases:
+        path.write_text(f"{header},{column}\n{row},{value}\n")
         assert main(["plan", "--cases", str(path)]) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1
@@ -614,13 +621,10 @@ def test_block_level_checkpointing_and_stated_memory_bandwidth(tmp_path, capsys)
     sxm = run("torchtitan-llama3.1-8b-8", ",hbm_tbps", ",3.35")
     assert sxm["predicted"] > teton["predicted"]
     row = next(line for line in text if line.startswith("ibm-fsdp-llama2-13b-h100-96,"))
-    for header, value, words in ((",remat_blocks", ",1.5", "remat_blocks must be a fraction of the blocks in (0, 1]"),
-                                 (",remat_blocks", ",half", "remat_blocks must be a fraction"),
-                                 (",hbm_tbps", ",-2", "hbm_tbps must be a positive number of TB/s")):
-        path.write_text(text[0] + header + "\n" + row + value + "\n")
-        assert main(["plan", "--cases", str(path)]) == 2
-        err = capsys.readouterr().err
-        assert words in err and err.count("\n") == 1
+    _each_bad_setting_is_one_line(path, text[0], row, capsys, (
+        ("remat_blocks", "1.5", "remat_blocks must be a fraction of the blocks in (0, 1]"),
+        ("remat_blocks", "half", "remat_blocks must be a fraction"),
+        ("hbm_tbps", "-2", "hbm_tbps must be a positive number of TB/s")))
 
 
 def test_sliding_window_attention_and_int8_matmuls(tmp_path, capsys):
