@@ -36,6 +36,17 @@ REMAT_NAMES = {"none": "none", "selective": "selective", "minimal": "minimal", "
 LAYOUT_FLAGS = (*SEARCH_LAYOUT_FLAGS, "zero1", "flash", "sequence_parallel")
 # What each of them accepts (the words of the error) and its parser (None: not accepted).
 _BOOL = ("true or false", lambda v: {"true": True, "false": False}.get(v))
+
+
+def _fraction(v: str) -> Optional[float]:
+    """A share in (0, 1], None for anything else."""
+    try:
+        x = float(v)
+    except ValueError:
+        return None
+    return x if 0 < x <= 1 else None
+
+
 _ELEMENT_BYTES = ("1, 2 or 4 (bytes per element)", lambda v: int(v) if v in ("1", "2", "4") else None)
 FLAG_VALUES = {
     "keep_gathered": _BOOL, "tp_comm_overlap": _BOOL, "dp_overlap": _BOOL, "host_offload": _BOOL, "zero1": _BOOL, "flash": _BOOL,
@@ -44,16 +55,8 @@ FLAG_VALUES = {
     "logit_bytes": ("2, 4 or 6 (bytes per logit)", lambda v: int(v) if v in ("2", "4", "6") else None),
     "state_bytes": ("2 or 4 (bytes per weight and per Adam moment)", lambda v: int(v) if v in ("2", "4") else None),
     "sequence_parallel": _BOOL,
-    "remat_blocks": ("a fraction of the blocks in (0, 1]", lambda v: _fraction(v)),
+    "remat_blocks": ("a fraction of the blocks in (0, 1]", _fraction),
 }
-def _fraction(v: str) -> Optional[float]:
-    try:
-        x = float(v)
-    except ValueError:
-        return None
-    return x if 0 < x <= 1 else None
-
-
 assert set(FLAG_VALUES) == set(LAYOUT_FLAGS), "every source-stated flag says what it accepts"
 
 
