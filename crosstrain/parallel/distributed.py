@@ -30,12 +30,12 @@ ENV_HEARTBEAT = "CROSSTRAIN_HEARTBEAT_S"
 
 # A peer that stops answering is declared dead after this many seconds without a heartbeat
 # (JAX's default is 100 s), and then every other process is stopped by the coordination service;
-# a process at its end waits at most SHUTDOWN_S for the others that are still alive (JAX's
-# default: 300 s). 30 s proved too short on a loaded 2-core machine: a resumed two-process run
-# kept in a bucket aborted at exit twice, process 0 reaching the shutdown barrier over 30 s
-# after process 1 (fresh-clone `make test`, beside another test's TPU compile).
+# a process at its end waits at most SHUTDOWN_S for the others that are still alive: JAX's own
+# default, 300 s. 30 s and then 120 s proved too short on a loaded 2-core machine: a resumed
+# two-process run kept in a bucket aborted at the shutdown barrier, process 0 arriving over 120 s
+# after process 1 (fresh-clone `make test`, beside another test's TPU compile; cause not found).
 HEARTBEAT_S = 15
-SHUTDOWN_S = 120
+SHUTDOWN_S = 300
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,11 @@ def initialize(spec: ProcessSpec) -> None:
 
 def finish() -> None:
     """End this process's part in a multi-process job as soon as its work is done: JAX's shutdown
-    barrier now, not at interpreter exit. JAX registers that barrier as an exit hook, so it runs
-    after Python has joined the process's threads (Grain's prefetch, fsspec's executor) and run its
-    other hooks. On a loaded 2-core machine process 0 of a run kept in a bucket has reached it more
-    than SHUTDOWN_S after process 1 (three of about ten fresh-clone test runs, each beside an AOT
-    compile), though both return from training within about a second of each other (measured);
-    the run then aborted after it had finished. Here every process arrives straight from its work,
-    and whatever exit costs comes after. A no-op without jax.distributed."""
+    barrier now, not at interpreter exit (where JAX registers it, after Python has joined the
+    process's threads and run its other hooks). It did not cure the late arrival SHUTDOWN_S
+    describes: with it, process 0 still reached the barrier over 120 s after process 1 once, so
+    the delay is before training returns there, not in the exit path. A no-op without
+    jax.distributed."""
     import jax
 
     if jax.process_count() > 1:
