@@ -309,6 +309,16 @@ def push(local: Path, only: Optional[Iterable[str]] = None) -> None:
             raise UserError(f"--run-dir: {describe_error(url, e)}") from None
 
 
+def forget_listings(url: str) -> None:
+    """Drop this process's cached listings of `url`'s filesystem. fsspec keeps one client per
+    setting, each caching the directories it has listed (Orbax's step list among them), so once
+    another process has deleted or written objects there, the next listing must ask the bucket."""
+    import fsspec
+
+    for fs in list(getattr(fsspec.get_filesystem_class(url.split("://", 1)[0]), "_cache", {}).values()):
+        fs.invalidate_cache()
+
+
 def discard_mirror(local: Path) -> None:
     """Remove a working copy whose run failed before it wrote anything to the bucket."""
     if remote_of(local) is not None:

@@ -190,9 +190,21 @@ def test_two_processes_sharing_no_local_directory_resume_from_the_bucket_bit_exa
     os.kill(int(worker.name), signal.SIGKILL)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
+    # Whatever instant the kill hit, leave the case that needs both processes to agree: a step Orbax
+    # committed that was never sealed (killed before its manifest), after the newest sealed one.
+    # Process 0 clears it at the start; process 1 must not still see it when it saves that step.
+    objects = _objects(client, f"{run}/checkpoints/")
+    newest = max(int(k.split("/")[-2]) for k in objects if k.endswith("/manifest.json"))
+    stray = f"{run}/checkpoints/{newest + 4}/"
+    for key in [k for k in objects if k.startswith(stray)]:
+        client.delete_object(Bucket="crosstrain-runs", Key=key)
+    for key in [k for k in objects if k.startswith(f"{run}/checkpoints/{newest}/") and not k.endswith("/manifest.json")]:
+        client.copy_object(Bucket="crosstrain-runs", Key=stray + key.split(f"/{newest}/", 1)[1],
+                           CopySource={"Bucket": "crosstrain-runs", "Key": key})
     again = launch(f"s3://crosstrain-runs/{run}", tmp_path / "second")
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0 and "resumed from checkpoint" in out, out[-3000:]
+    assert f"checkpoint {newest + 4} was never sealed" in out, out[-3000:]
     got, want = _records(client, run), _records(client, "runs/mp-reference")
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 17))
     assert [r["loss"] for r in got] == [r["loss"] for r in want]

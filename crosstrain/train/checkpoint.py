@@ -14,9 +14,13 @@ Only sealed steps count:
   renaming them into `.trash/` and only then removing the files, so a kill mid-deletion cannot
   leave a half-deleted step that looks valid.
 
-With several processes, process 0 alone seals, clears and moves steps; at restore the others
-wait at a barrier until it has, then every process reads the same list of steps, so no process
-ever sees a stale step (one that Orbax would refuse to save over).
+With several processes, process 0 alone seals, clears and moves steps; at restore, and before a
+save over a step of the same number (after a rollback), the others wait at a barrier until it
+has, then every process reads the list of steps afresh, so no process ever sees a stale step (one
+that Orbax would refuse to save over). On object storage "afresh" includes dropping the client's
+cached listings: a process that listed the steps before process 0 cleared an unsealed one would
+otherwise still see it, and Orbax would refuse to save that step there while process 0 waited for
+it in the save's collective.
 
 On object storage (gs://, s3://; crosstrain/storage.py) there is no rename. Orbax then marks a
 committed step with a `commit_success.txt` object instead of renaming its directory; crosstrain's
@@ -45,7 +49,7 @@ import orbax.checkpoint as ocp
 from crosstrain.config import CheckpointConfig
 from crosstrain.errors import UserError
 from crosstrain.files import atomic_write
-from crosstrain.storage import AnyPath, as_path, describe_error, is_remote, stat
+from crosstrain.storage import AnyPath, as_path, describe_error, forget_listings, is_remote, stat
 
 log = logging.getLogger("crosstrain")
 
@@ -153,6 +157,20 @@ class Checkpointer:
 
     # ---- listing ---------------------------------------------------------------------------
 
+    def _agree(self, value: int) -> int:
+        """Process 0's `value` on every process, once process 0 has got here: a barrier, so every
+        process calls it at the same point."""
+        if jax.process_count() == 1:
+            return value
+        from jax.experimental import multihost_utils
+        import numpy as np
+
+        return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+    def _forget_listings(self) -> None:
+        if self.remote:
+            forget_listings(str(self.directory))
+
     def step_dir(self, step: int) -> AnyPath:
         return self.directory / str(step)
 
@@ -222,8 +240,15 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict, *, wait: bool = False) -> None:
         t0 = time.perf_counter()
         self._finish_pending()
-        if self.step_dir(step).exists() and self.primary:
-            self._trash(step)  # a stale step of the same number (after a rollback)
+        # A stale step of the same number (after a rollback): process 0 deletes it, then every
+        # process drops it from its step list.
+        self._forget_listings()
+        stale = self.primary and self.step_dir(step).exists()
+        if stale:
+            self._trash(step)
+        if self._agree(int(stale)):
+            self._forget_listings()
+            self._manager.reload()
         self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -315,13 +340,10 @@ class Checkpointer:
         """(step, state, meta) of the newest valid checkpoint, None if there never was a complete
         one (a save killed before it was sealed leaves only an unsealed step: the run starts over).
         Exit 2 if sealed checkpoints exist but none is valid."""
-        set_aside = self.clear_unfinished()
-        if jax.process_count() > 1:
-            # The others read only after process 0 has cleared, and learn what it set aside.
-            from jax.experimental import multihost_utils
-            import numpy as np
-
-            set_aside = int(multihost_utils.broadcast_one_to_all(np.int32(set_aside)))
+        # The others read only after process 0 has cleared, learn what it set aside, and list the
+        # steps afresh (their listings from before the clearing would still show what it removed).
+        set_aside = self._agree(self.clear_unfinished())
+        self._forget_listings()
         self._manager.reload()
         any_sealed = bool(self.sealed_steps()) or set_aside > 0
         step = self.latest_valid_step(before=before)
