@@ -222,6 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; its exit status. A process of a multi-process job that fails leaves at
+    once (crosstrain/parallel/distributed.py `abandon`), its error or traceback printed first."""
+    from crosstrain.parallel import distributed
+
+    try:
+        code = _main(argv)
+    except BaseException as e:
+        if distributed.joined() and not isinstance(e, SystemExit):
+            import traceback
+
+            traceback.print_exc()
+            distributed.abandon(1)
+        raise
+    if code and distributed.joined():
+        distributed.abandon(code)
+    return code
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     skip_absent_accelerators()
     try:
         args = build_parser().parse_args(_join_values(sys.argv[1:] if argv is None else argv))

@@ -31,9 +31,9 @@ ENV_HEARTBEAT = "CROSSTRAIN_HEARTBEAT_S"
 # A peer that stops answering is declared dead after this many seconds without a heartbeat
 # (JAX's default is 100 s), and then every other process is stopped by the coordination service;
 # a process at its end waits at most SHUTDOWN_S for the others that are still alive: JAX's own
-# default, 300 s. 30 s and then 120 s proved too short on a loaded 2-core machine: a resumed
-# two-process run kept in a bucket aborted at the shutdown barrier, process 0 arriving over 120 s
-# after process 1 (fresh-clone `make test`, beside another test's TPU compile; cause not found).
+# default, 300 s. A process that fails does not wait there (`abandon`): its peers are most likely
+# stuck in a collective waiting for it. (A "late" process 0 at this barrier was once such a case:
+# process 1 had failed in a checkpoint save, process 0 waited in the save's collective.)
 HEARTBEAT_S = 15
 SHUTDOWN_S = 300
 
@@ -88,7 +88,32 @@ def _cluster_detected() -> bool:
     return False
 
 
+_JOINED = False
+
+
+def joined() -> bool:
+    """Whether this process has joined a multi-process job (jax.distributed is up)."""
+    return _JOINED
+
+
+def abandon(code: int) -> None:
+    """End a process of a multi-process job that failed, now, with `code`: not through JAX's
+    shutdown barrier at interpreter exit. The others are most likely waiting for this one in a
+    collective and will never reach that barrier, so the failure would sit there for SHUTDOWN_S
+    unseen. Leaving at once, the launcher or the scheduler sees the status at once, and the
+    coordination service ends the others within HEARTBEAT_S. A save in flight is left unsealed,
+    which the next start clears."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
 def initialize(spec: ProcessSpec) -> None:
+    global _JOINED
     import jax
 
     if spec.cpu_devices is not None:
@@ -101,23 +126,24 @@ def initialize(spec: ProcessSpec) -> None:
     if spec.num_processes > 1:
         jax.distributed.initialize(spec.coordinator, num_processes=spec.num_processes, process_id=spec.process_id,
                                    **_timeouts())
+        _JOINED = True
     elif _cluster_detected():
         # SLURM, Open MPI or a multi-host Cloud TPU slice: JAX reads the coordinator, the process
         # count and this process's rank from the cluster's own environment.
         jax.distributed.initialize(**_timeouts())
+        _JOINED = True
 
 
 def finish() -> None:
     """End this process's part in a multi-process job as soon as its work is done: JAX's shutdown
     barrier now, not at interpreter exit (where JAX registers it, after Python has joined the
-    process's threads and run its other hooks). It did not cure the late arrival SHUTDOWN_S
-    describes: with it, process 0 still reached the barrier over 120 s after process 1 once, so
-    the delay is before training returns there, not in the exit path. A no-op without
-    jax.distributed."""
+    process's threads and run its other hooks). A no-op without jax.distributed."""
     import jax
 
+    global _JOINED
     if jax.process_count() > 1:
         jax.distributed.shutdown()
+    _JOINED = False
 
 
 def _timeouts() -> dict[str, int]:
