@@ -242,7 +242,6 @@ class Checkpointer:
         self._finish_pending()
         # A stale step of the same number (after a rollback): process 0 deletes it, then every
         # process drops it from its step list.
-        self._forget_listings()
         stale = self.primary and self.step_dir(step).exists()
         if stale:
             self._trash(step)
