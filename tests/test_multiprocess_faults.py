@@ -214,3 +214,45 @@ def test_a_process_that_fails_leaves_at_once_not_through_the_shutdown_barrier(tm
     assert "crosstrain: error: --preset: unknown preset 'no-such-preset'" in out1 and "RETURNED FROM MAIN" not in out1
     assert failed_after < 60, f"the failing process took {failed_after:.0f} s to exit"
     assert procs[0].returncode != 0 and "PEER PASSED THE COLLECTIVE" not in out0, out0[-2000:]
+
+
+def test_saving_again_over_a_step_after_a_rollback_agrees_across_processes(tmp_path):
+    """A rollback trains back to a step that was already saved: process 0 deletes the stale step
+    and the other process, whose Orbax still lists it, learns so before saving (else Orbax refuses
+    the step there while process 0 waits for it). Both save the new state; it is what restores."""
+    from crosstrain.parallel.distributed import free_port
+
+    port = free_port()
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from crosstrain.parallel import distributed\n"
+        "me = int(sys.argv[1])\n"
+        f"distributed.initialize(distributed.ProcessSpec('127.0.0.1:{port}', 2, me, 1))\n"
+        "import jax\n"
+        "from jax.sharding import Mesh, NamedSharding, PartitionSpec\n"
+        "from crosstrain.config import CheckpointConfig\n"
+        "from crosstrain.train.checkpoint import Checkpointer, abstract_like\n"
+        "put = NamedSharding(Mesh(np.array(jax.devices()), ('x',)), PartitionSpec('x'))\n"
+        "state = lambda v: {'w': jax.make_array_from_callback((4,), put, lambda i: np.full(4, v, np.float32)[i])}\n"
+        f"ckpt = Checkpointer({str(tmp_path / 'ckpt')!r}, CheckpointConfig(), primary=me == 0)\n"
+        "ckpt.save(2, state(1.0), {'step': 2}, wait=True)\n"
+        "ckpt.save(2, state(7.0), {'step': 2}, wait=True)  # the same step again, as after a rollback\n"
+        "step, got, meta = ckpt.restore_latest(abstract_like(state(0.0), {'w': put}))\n"
+        "local = [np.asarray(s.data) for s in got['w'].addressable_shards]\n"
+        "print('RESTORED', step, all(float(x) == 7.0 for a in local for x in a.ravel()), flush=True)\n"
+        "ckpt.close()\n"
+        "distributed.finish()\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=_env(JAX_PLATFORMS="cpu"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=180)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0 and "RESTORED 2 True" in out, out[-3000:]
