@@ -39,6 +39,22 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _run_pair(script: str, *, timeout: float) -> list[tuple[int, str]]:
+    """Run `script` (python -c) as two processes, argv[1] = 0 and 1, that join each other
+    themselves; each one's exit status and output. Both are killed if they hang past `timeout`."""
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=_env(JAX_PLATFORMS="cpu"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the processes hung") from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
 def _finish(run: Path) -> str:
     """Launch the run to its end within a bounded time; its output."""
     proc = _launch(run)
@@ -161,18 +177,8 @@ def test_a_flag_raised_on_one_process_is_agreed_by_both(tmp_path):
         "me = int(sys.argv[1])\n"
         "print('AGREED', any_process(me == 0, False, me == 1, True), any_process(me == 1))\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=_env(JAX_PLATFORMS="cpu"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError("the processes hung")
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-2000:]
+    for code, out in _run_pair(script, timeout=120):
+        assert code == 0, out[-2000:]
         assert "AGREED (True, False, True, True) (True,)" in out, out[-2000:]
 
 
@@ -244,15 +250,5 @@ def test_saving_again_over_a_step_after_a_rollback_agrees_across_processes(tmp_p
         "ckpt.close()\n"
         "distributed.finish()\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=_env(JAX_PLATFORMS="cpu"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=180)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0 and "RESTORED 2 True" in out, out[-3000:]
+    for code, out in _run_pair(script, timeout=180):
+        assert code == 0 and "RESTORED 2 True" in out, out[-3000:]
