@@ -53,7 +53,21 @@ class Chip:
     # (a maximum-achievable-matmul benchmark, cited in sources["matmul"]); 0: the planner's family
     # value.
     matmul_eff: float = 0.0
+    # Flash-attention kernels benchmarked on this chip, best first: (kernel, the fraction of the
+    # dense bf16 peak at which it runs causal attention's forward and backward, counted as the
+    # planner counts them), cited in sources["attention"]. Empty: the planner's family value.
+    attention: tuple[tuple[str, float], ...] = ()
     sources: dict[str, str] = field(default_factory=dict)
+
+    def attention_eff(self, kernel: Optional[str] = None) -> Optional[float]:
+        """The benchmarked efficiency of `kernel` on this chip; the chip's best benchmarked kernel
+        where `kernel` is None or has no benchmark here (on A100, cuDNN's and Transformer Engine's
+        fused attention are FlashAttention-2's generation: FlashAttention-3's techniques need
+        Hopper); None where the chip has none."""
+        table = dict(self.attention)
+        if kernel in table:
+            return table[kernel]
+        return self.attention[0][1] if self.attention else None
 
     def peak_flops(self, dtype: str) -> Optional[float]:
         """Dense peak FLOP/s per chip for a compute dtype ("bfloat16" or "float32")."""
@@ -75,6 +89,38 @@ def _mamf_source(gpu: str, note: str = "") -> str:
     name, measured, peak = _MAMF[gpu]
     return (f"stas00/ml-engineering compute/accelerator/README.md, 'Maximum Achievable Matmul FLOPS comparison "
             f"table' (mamf-finder.py): {name} {measured} of {peak:.0f} TFLOPS ({100 * measured / peak:.1f}%){note}")
+
+# The GPU flash-attention kernels the planner tells apart (`attention_kernel`).
+ATTENTION_KERNELS = ("cudnn", "flash2")
+
+# Flash-attention kernels' forward and backward rates (TFLOP/s, bf16, head dim 128, causal
+# forward), as their authors measured them. The benchmarks count the backward as 2.5 forwards (it
+# recomputes the scores); the planner counts 2 (model.py: the kernel's own recomputation is part
+# of its rate), so a kernel's efficiency is 3 forward-FLOPs over the time of a forward and a
+# backward: 3 / (peak / fwd + 2.5 * peak / bwd).
+_ATTENTION = {
+    "a100": (312.0, {"flash2": (0.73 * 312.0, 0.63 * 312.0)},
+             "FlashAttention-2 (Dao 2023, arXiv 2307.08691) on A100 80GB: up to 73% of peak in the forward "
+             "and 63% in the backward; on A100 the other fused kernels (cuDNN's, Transformer Engine's) are of "
+             "its generation"),
+    "h100": (989.0, {"cudnn": ((518 + 529) / 2, (499 + 518) / 2), "flash2": ((319 + 333) / 2, (310 + 318) / 2)},
+             "FlashAttention-3 paper (Shah et al. 2024, arXiv 2407.08608), H100 SXM5, head dim 128, at 4k and "
+             "8k tokens: cuDNN forward (causal) 518 / 529 and backward 499 / 518 TFLOP/s (FlashAttention-3 "
+             "beside it: 579 / 602 and 542 / 559); FlashAttention-2 319 / 333 and 310 / 318 ('only 35% "
+             "utilization on the H100'). cudnn stands for Hopper's fused kernels (cuDNN, Transformer Engine, "
+             "FlashAttention-3); flash2 for FlashAttention-2 (flash-attn 2.x, PyTorch SDPA's flash backend)"),
+}
+
+
+def _attention(gpu: str) -> tuple[tuple[str, float], ...]:
+    peak, kernels, _ = _ATTENTION[gpu]
+    return tuple((k, 3.0 / (peak / fwd + 2.5 * peak / bwd)) for k, (fwd, bwd) in kernels.items())
+
+
+def _attention_source(gpu: str, note: str = "") -> str:
+    rates = ", ".join(f"{k} {100 * e:.1f}%" for k, e in _attention(gpu))
+    return f"{_ATTENTION[gpu][2]}{note}; as the planner counts attention FLOPs: {rates} of peak"
+
 
 _TPU_PRICES = "cloud.google.com/tpu/pricing, on-demand per chip-hour (2025 list prices; they change, override with --price)"
 
@@ -160,7 +206,9 @@ CATALOG: dict[str, Chip] = {
             "a100-40gb", "NVIDIA A100 SXM 40GB", (r"A100.*40GB",), {"bf16": 312.0, "fp32": 19.5},
             hbm_gib=40e9 / GIB, hbm_gbps=1555, link_gbps=300, link_domain=8, scaleout_gbps=25.0,
             power_w=400, price_per_hour=32.77 / 8, family="gpu", matmul_eff=_mamf("a100"),
+            attention=_attention("a100"),
             sources={
+                "attention": _attention_source("a100"),
                 "matmul": _mamf_source("a100"),
                 "compute": "NVIDIA A100 datasheet: 312 TFLOPS dense BF16, 19.5 FP32, 40 GB HBM2 at 1555 GB/s",
                 "links": "NVLink 3: 600 GB/s bidirectional per GPU, 8 per HGX node; 200 Gbps HDR InfiniBand per GPU "
@@ -173,7 +221,9 @@ CATALOG: dict[str, Chip] = {
             "a100-80gb", "NVIDIA A100 SXM 80GB", (r"A100",), {"bf16": 312.0, "fp32": 19.5},
             hbm_gib=80e9 / GIB, hbm_gbps=2039, link_gbps=300, link_domain=8, scaleout_gbps=25.0,
             power_w=400, price_per_hour=40.97 / 8, family="gpu", matmul_eff=_mamf("a100"),
+            attention=_attention("a100"),
             sources={
+                "attention": _attention_source("a100"),
                 "matmul": _mamf_source("a100"),
                 "compute": "NVIDIA A100 datasheet: 312 TFLOPS dense BF16, 19.5 FP32, 80 GB HBM2e at 2039 GB/s",
                 "links": "NVLink 3: 600 GB/s bidirectional per GPU, 8 per HGX node; 200 Gbps HDR InfiniBand per GPU "
@@ -187,7 +237,9 @@ CATALOG: dict[str, Chip] = {
             {"bf16": 989.0, "fp32": 67.0, "fp8": 1979.0},
             hbm_gib=80e9 / GIB, hbm_gbps=3350, link_gbps=450, link_domain=8, scaleout_gbps=50.0,
             power_w=700, price_per_hour=55.04 / 8, family="gpu", matmul_eff=_mamf("h100"),
+            attention=_attention("h100"),
             sources={
+                "attention": _attention_source("h100"),
                 "matmul": _mamf_source("h100"),
                 "compute": "NVIDIA H100 datasheet, SXM: 989 TFLOPS dense BF16, 1979 FP8, 67 FP32, 80 GB HBM3 at 3.35 TB/s",
                 "links": "NVLink 4: 900 GB/s bidirectional per GPU, 8 per HGX node; 400 Gbps NDR InfiniBand per GPU",
@@ -199,7 +251,9 @@ CATALOG: dict[str, Chip] = {
             "h200", "NVIDIA H200 SXM 141GB", (r"H200",), {"bf16": 989.0, "fp32": 67.0, "fp8": 1979.0},
             hbm_gib=141e9 / GIB, hbm_gbps=4800, link_gbps=450, link_domain=8, scaleout_gbps=50.0,
             power_w=700, price_per_hour=8.00, family="gpu", matmul_eff=_mamf("h100"),
+            attention=_attention("h100"),
             sources={
+                "attention": _attention_source("h100", "; the H200 has the same compute"),
                 "matmul": _mamf_source("h100", "; the H200 has the same compute (the table's later H100/H200 "
                                                "row: 794.5, 80.3%)"),
                 "compute": "NVIDIA H200 datasheet, SXM: 989 TFLOPS dense BF16, 141 GB HBM3e at 4.8 TB/s",

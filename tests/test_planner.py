@@ -627,6 +627,47 @@ def test_block_level_checkpointing_and_stated_memory_bandwidth(tmp_path, capsys)
         ("hbm_tbps", "-2", "hbm_tbps must be a positive number of TB/s")))
 
 
+def test_flash_kernels_run_at_their_benchmarked_rate_on_each_gpu(tmp_path, capsys):
+    """Round two's sixth pass: a GPU's flash-attention kernel runs at the rate its authors
+    benchmarked on that chip (FlashAttention-2 on A100; cuDNN and FlashAttention-2 on H100/H200),
+    converted to the planner's count (3 forward-FLOPs against the benchmarks' 3.5), and a row
+    names its kernel (`attention_kernel`). Chips without a benchmark keep the family's value."""
+    h100, a100, b200 = get_chip("h100-sxm"), get_chip("a100-80gb"), get_chip("b200")
+    # cuDNN on H100 at 4k-8k tokens: forward 523.5, backward 508.5 TFLOP/s of 989.
+    assert h100.attention_eff("cudnn") == pytest.approx(3 / (989 / 523.5 + 2.5 * 989 / 508.5))
+    assert h100.attention_eff() == h100.attention_eff("cudnn") > h100.attention_eff("flash2")
+    assert get_chip("h200").attention == h100.attention
+    # On A100 every fused kernel is FlashAttention-2's generation; B200 has no benchmark here.
+    assert a100.attention_eff("cudnn") == a100.attention_eff("flash2") > h100.attention_eff("flash2")
+    assert b200.attention_eff() is None
+    m = _afm_like(seq_len=32768)
+    lay = Layout(fsdp=64, microbatch=1, remat="full")
+    cudnn = estimate(m, h100, lay, global_batch=64)
+    fa2 = estimate(m, h100, lay, global_batch=64, attention_kernel="flash2")
+    assert fa2.time["compute_s"] > cudnn.time["compute_s"]
+    assert fa2.hardware_flops_per_step == cudnn.hardware_flops_per_step
+    assert (estimate(m, a100, lay, global_batch=64, attention_kernel="flash2").step_time_s
+            == estimate(m, a100, lay, global_batch=64).step_time_s)
+    # Without a flash kernel the family's value prices the score matmuls, whatever the row says.
+    assert (estimate(m, h100, lay, global_batch=64, flash=False, attention_kernel="flash2").step_time_s
+            == estimate(m, h100, lay, global_batch=64, flash=False).step_time_s)
+    # The rows: torchtitan's H100s ran SDPA's FlashAttention-2 backend; cuDNN would be faster.
+    text = shipped_cases_path().read_text().splitlines()
+    path = tmp_path / "c.csv"
+    row = next(line for line in text if line.startswith("torchtitan-llama3.1-8b-8,"))
+
+    def run(extra_header: str = "", extra: str = "") -> dict:
+        path.write_text(text[0] + extra_header + "\n" + row + extra + "\n")
+        assert main(["plan", "--cases", str(path), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["cases"][0]
+
+    stated = run()
+    assert any(a.startswith("attention_kernel=flash2") for a in stated["assumed"])
+    assert run(",attention_kernel", ",cudnn")["predicted"] > stated["predicted"]
+    _each_bad_setting_is_one_line(path, text[0], row, capsys, (
+        ("attention_kernel", "fa3", "attention_kernel must be one of cudnn, flash2"),))
+
+
 def test_sliding_window_attention_and_int8_matmuls(tmp_path, capsys):
     """Gemma 3's local layers attend to a 1024-token band that a flash kernel skips around, and
     AQT's int8 matmuls run at the chip's int8 peak (attention stays bf16)."""

@@ -22,7 +22,7 @@ from typing import Any, Optional
 from crosstrain.config import ModelConfig
 from crosstrain.errors import UserError
 from crosstrain.flops import flops_per_token, matmul_params, param_count
-from crosstrain.hardware import get_chip
+from crosstrain.hardware import ATTENTION_KERNELS, get_chip
 from crosstrain.planner.model import FAMILIES, Estimate, Layout, estimate
 from crosstrain.planner.search import LAYOUT_FLAGS as SEARCH_LAYOUT_FLAGS, search
 
@@ -113,6 +113,7 @@ class Prepared:
     flash: Optional[bool] = None  # None: the family's attention kernel
     framework: Optional[str] = None  # "jax" | "pytorch"; None: the family's usual (JAX on TPU)
     sliding_window: Optional[tuple[int, int]] = None  # (window tokens, layers that use it)
+    attention_kernel: Optional[str] = None  # "cudnn" | "flash2"; None: the chip's best benchmarked
 
     @property
     def group(self) -> str:
@@ -129,7 +130,8 @@ class Prepared:
             fam = dataclasses.replace(fam, **fitted[self.chip.family])
         return estimate(self.m, self.chip, self.layout, global_batch=self.batch, glu=self.glu, family=fam,
                         compute_dtype=self.compute_dtype, power_cap_w=self.power_cap, flash=self.flash,
-                        framework=self.framework, sliding_window=self.sliding_window)
+                        framework=self.framework, sliding_window=self.sliding_window,
+                        attention_kernel=self.attention_kernel)
 
     def predict(self, fitted: Optional[dict[str, dict[str, float]]] = None) -> float:
         return metric_value(self.row["metric"], self.estimate(fitted), self.m, self.chip, self.chips, self.batch,
@@ -272,6 +274,10 @@ def prepare_case(row: dict[str, str]) -> Prepared:
     framework = (row.get("framework") or "").strip().lower() or None
     if framework not in (None, "jax", "pytorch"):
         raise UserError(f"--cases: row {row['id']}: framework must be jax or pytorch, got '{framework}'")
+    attention_kernel = (row.get("attention_kernel") or "").strip().lower() or None
+    if attention_kernel not in (None, *ATTENTION_KERNELS):
+        raise UserError(f"--cases: row {row['id']}: attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, "
+                        f"got '{attention_kernel}'")
     sliding_window = None
     if (row.get("sliding_window") or "").strip():
         # Local attention layers (Gemma 3: a 1024-token window on 5 of every 6 layers).
@@ -344,7 +350,7 @@ def prepare_case(row: dict[str, str]) -> Prepared:
     flash = fixed.pop("flash", None)
     est, _ = search(m, chip, devices, batch, fixed=fixed, glu=glu, require_fit=False, power_cap_w=power_cap,
                     compute_dtype=compute_dtype, flash=flash, framework=framework,
-                    sliding_window=sliding_window)
+                    sliding_window=sliding_window, attention_kernel=attention_kernel)
     if est is not None and not est.fits:
         assumed.append(f"memory: the planner estimates {est.memory_per_device_gib:.0f} GiB per device, over "
                        f"the catalog's {est.capacity_gib:.0f} GiB for {chip.name}")
@@ -358,7 +364,7 @@ def prepare_case(row: dict[str, str]) -> Prepared:
         assumed.append(f"remat={est.layout.remat} (searched)")
     return Prepared(row=row, m=m, chip=chip, chips=chips, batch=batch, glu=glu, compute_dtype=compute_dtype,
                     power_cap=power_cap, layout=est.layout, assumed=assumed, flash=flash, framework=framework,
-                    sliding_window=sliding_window)
+                    sliding_window=sliding_window, attention_kernel=attention_kernel)
 
 
 def metric_value(metric: str, est: Estimate, m: ModelConfig, chip, chips: int, batch: int, row: dict, glu: bool) -> float:

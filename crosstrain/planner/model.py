@@ -73,8 +73,9 @@ class Family:
     # Attention kernels skip the masked half of causal attention (Splash / FlashAttention) or not.
     causal_skip: bool
     # Fraction of peak the attention kernels (scores and weighted sum, forward and backward)
-    # reach: below GEMMs because of softmax and masking work between the matmuls
-    # (FlashAttention-2 reports 35-50% of H100 peak in training; Splash on TPU does better).
+    # reach: below GEMMs because of softmax and masking work between the matmuls. A chip whose
+    # flash kernels were benchmarked uses those (Chip.attention: A100, H100, H200); this is the
+    # value elsewhere, and for the score matmuls of attention without a flash kernel.
     attn_eff: float
     # FITTED (with fitted_scale, planner/calibrate.py): passes over activations that the
     # software's elementwise work makes, relative to one fully fused pass. Nothing here measures
@@ -101,8 +102,8 @@ FAMILIES: dict[str, Family] = {
                   causal_skip=True, attn_eff=0.6, elementwise_passes=2.0, reserved_gib=0.5, usable=0.97,
                   hierarchical=True, fitted_scale=0.9),
     "gpu": Family("gpu", matmul_eff=0.75, width_half=160, overlap=0.8, tp_overlap=0.0, link_eff=0.75,
-                  causal_skip=True, attn_eff=0.4, elementwise_passes=1.75, reserved_gib=2.0, usable=GPU_MEMORY_FRACTION,
-                  hierarchical=True, fitted_scale=0.83),
+                  causal_skip=True, attn_eff=0.4, elementwise_passes=1.5, reserved_gib=2.0, usable=GPU_MEMORY_FRACTION,
+                  hierarchical=True, fitted_scale=0.80),
     "trainium": Family("trainium", matmul_eff=0.85, width_half=128, overlap=0.7, tp_overlap=0.0, link_eff=0.7,
                        causal_skip=False, attn_eff=0.5, elementwise_passes=1.0, reserved_gib=1.0, usable=0.95,
                        fitted_scale=0.70),
@@ -485,9 +486,14 @@ def estimate(
     slice_chips: Optional[int] = None,
     framework: Optional[str] = None,
     sliding_window: Optional[tuple[int, int]] = None,
+    attention_kernel: Optional[str] = None,
 ) -> Estimate:
     fam = family or FAMILIES[chip.family]
     flash = fam.causal_skip if flash is None else flash
+    # A flash kernel's rate: its benchmark on this chip where one is catalogued (`attention_kernel`:
+    # "cudnn" or "flash2"; None: the chip's best), else the family's value. Without a flash kernel
+    # the scores' matmuls run at the family's value and their softmax goes through memory (below).
+    attn_eff = (chip.attention_eff(attention_kernel) if flash else None) or fam.attn_eff
     D = lay.devices
     notes: list[str] = []
     seq = m.seq_len
@@ -542,7 +548,7 @@ def estimate(
     per_device = tokens_step / (D / lay.pp)
     t_compute = per_device * (
         (dense_per_token / lay.pp + head_per_token) / (peak_device * eff)
-        + attn_per_token / lay.pp / (attn_peak_device * fam.attn_eff)
+        + attn_per_token / lay.pp / (attn_peak_device * attn_eff)
     )
 
     # ---- memory-bound work ------------------------------------------------------------------

@@ -103,6 +103,7 @@ def search(
     slice_chips: Optional[int] = None,
     framework: Optional[str] = None,
     sliding_window: Optional[tuple[int, int]] = None,
+    attention_kernel: Optional[str] = None,
 ) -> tuple[Optional[Estimate], int]:
     """(fastest fitting estimate or None, number of layouts tried). With require_fit=False the
     fastest layout is returned even if none fits (fitting ones are still preferred).
@@ -110,7 +111,8 @@ def search(
     implementation="crosstrain" searches the layouts crosstrain's trainer runs (no pipeline or
     context parallelism, no sequence parallelism) priced as its own step. `framework` ("jax" or
     "pytorch") names published software's framework where it is not the family's usual one;
-    `sliding_window` (window, local layers) a model whose local layers attend to a band."""
+    `sliding_window` (window, local layers) a model whose local layers attend to a band;
+    `attention_kernel` ("cudnn" or "flash2") the GPU flash kernel, where not the chip's best."""
     fixed = crosstrain_fixed(fixed, m) if implementation == "crosstrain" else fixed
     best: Optional[Estimate] = None
     best_any: Optional[Estimate] = None
@@ -120,7 +122,7 @@ def search(
         tried += 1
         est = estimate(m, chip, lay, global_batch=global_batch, glu=glu, compute_dtype=compute_dtype, flash=flash,
                        power_cap_w=power_cap_w, implementation=implementation, slice_chips=slice_chips,
-                       framework=framework, sliding_window=sliding_window)
+                       framework=framework, sliding_window=sliding_window, attention_kernel=attention_kernel)
         if best_any is None or est.step_time_s < best_any.step_time_s:
             best_any = est
         if est.fits and (best is None or est.step_time_s < best.step_time_s):
